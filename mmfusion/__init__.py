@@ -1,0 +1,20 @@
+"""mmfusion: multimodal (image + text) fusion models with several task heads."""
+
+__version__ = "0.1.0"
+
+from .config import Config, DataConfig, FusionConfig, TaskSpec, TrainConfig  # noqa: E402
+from .fusions import FusedOutput  # noqa: E402
+from .layers import EncoderOutput  # noqa: E402
+from .model import FusionModel, FusionOutput  # noqa: E402
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EncoderOutput",
+    "FusedOutput",
+    "FusionConfig",
+    "FusionModel",
+    "FusionOutput",
+    "TaskSpec",
+    "TrainConfig",
+]

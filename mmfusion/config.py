@@ -1,0 +1,313 @@
+"""Typed configuration: the model (`FusionConfig`), its tasks (`TaskSpec`), data and training options.
+
+One tree of dataclasses, `Config`, that loads from YAML and takes dotted command-line overrides
+(`--model.fusion gated`); the attribute docstrings below are the `--help` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TaskType = Literal["classification", "multilabel", "regression", "matching"]
+
+
+@dataclass
+class TaskSpec:
+    """One prediction task: which column it reads, what kind of target, and how its head is built."""
+
+    name: str
+    """Task name, used as the key of logits, losses and metrics."""
+    type: TaskType = "classification"
+    """classification (one label), multilabel (a list of labels), regression (a float) or matching (image-text)."""
+    column: str | None = None
+    """Dataset column holding the target (default: the task name)."""
+    num_labels: int | None = None
+    """Number of classes (classification, multilabel); filled from `labels` when given."""
+    labels: list[str] | None = None
+    """Class names in index order; built from the training split when not given."""
+    weight: float = 1.0
+    """Static loss weight."""
+    depths: list[int] | None = None
+    """Fusion layers that get a head (deep supervision), e.g. [0, 1]; default: the last layer only."""
+    hidden_layers: int = 0
+    """Task-specific MLP layers between the shared fusion output and the head's output layer."""
+    label_smoothing: float = 0.0
+    """Label smoothing for classification."""
+    class_weights: list[float] | None = None
+    """Per-class loss weights for classification."""
+    loss: Literal["mse", "huber"] = "mse"
+    """Regression loss."""
+    target_mean: float = 0.0
+    """Regression target mean (set from the training split); the head predicts standardised targets."""
+    target_std: float = 1.0
+    """Regression target standard deviation (set from the training split)."""
+
+    def __post_init__(self) -> None:
+        if self.column is None:
+            self.column = self.name
+        if self.labels is not None:
+            self.labels = [str(label) for label in self.labels]
+            if self.num_labels is None:
+                self.num_labels = len(self.labels)
+            elif self.num_labels != len(self.labels):
+                raise ValueError(
+                    f"task {self.name!r}: num_labels={self.num_labels} but {len(self.labels)} labels were given"
+                )
+        if self.type in ("classification", "multilabel") and self.num_labels is not None and self.num_labels < 1:
+            raise ValueError(f"task {self.name!r}: num_labels must be >= 1, got {self.num_labels}")
+        if self.type == "regression" and self.target_std <= 0:
+            raise ValueError(f"task {self.name!r}: target_std must be > 0, got {self.target_std}")
+
+    @property
+    def out_features(self) -> int:
+        """Width of the head's output layer."""
+        if self.type == "regression":
+            return 1
+        if self.type == "matching":
+            return 0
+        if self.num_labels is None:
+            raise ValueError(f"task {self.name!r} ({self.type}) needs num_labels or labels")
+        return self.num_labels
+
+    @property
+    def head_depths(self) -> list[int]:
+        """Fusion depths with a head, deepest last (negative depths count from the end)."""
+        return list(self.depths) if self.depths else [-1]
+
+
+@dataclass
+class FusionConfig:
+    """Everything needed to build a `FusionModel` (and nothing about data or training)."""
+
+    image_encoder: str = "simple_cnn"
+    """simple_cnn, or a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, convnext_tiny, vit_b_16."""
+    image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """simple_cnn: channels of each conv stage (the number of entries is the depth)."""
+    image_weights: str | None = None
+    """Local file with pretrained torchvision weights (safetensors or a state dict); nothing is downloaded."""
+    image_size: int = 64
+    """Input image side in pixels (vit_b_16 needs it; the processor resizes to it)."""
+    freeze_image: bool = False
+    """Keep the image encoder's weights fixed."""
+    text_encoder: str = "lstm"
+    """lstm, gru, transformer (from scratch) or hf (a Hugging Face transformers encoder)."""
+    text_model: str | None = None
+    """hf: local path or Hub id of the transformers model."""
+    text_pooling: Literal["mean", "cls"] = "mean"
+    """How token features become one vector: masked mean or the first token."""
+    text_dim: int = 128
+    """lstm/gru/transformer: hidden width (per direction for RNNs)."""
+    text_layers: int = 1
+    """lstm/gru/transformer: number of layers."""
+    text_heads: int = 4
+    """transformer: attention heads."""
+    bidirectional: bool = True
+    """lstm/gru: read the text in both directions."""
+    vocab_size: int = 8000
+    """lstm/gru/transformer: vocabulary size (set from the trained tokenizer)."""
+    max_text_length: int = 64
+    """transformer: longest text (number of position embeddings)."""
+    freeze_text: bool = False
+    """Keep the text encoder's weights fixed."""
+    fusion: str = "concat"
+    """concat, gated, cross_attention, film, bilinear or late."""
+    dim: int = 128
+    """Width of the fused representation."""
+    fusion_layers: int = 2
+    """Depth of the fusion trunk; every layer's output can carry a head."""
+    fusion_heads: int = 4
+    """cross_attention: attention heads."""
+    rank: int = 16
+    """bilinear: rank of the low-rank factorisation."""
+    dropout: float = 0.1
+    """Dropout in fusion layers and heads."""
+    tasks: list[TaskSpec] = field(default_factory=list)
+    """The tasks the model predicts (filled from the top-level `tasks` when training)."""
+    text_model_config: dict[str, Any] | None = None
+    """hf: the transformers config, stored so a checkpoint rebuilds without the original model files."""
+
+    def __post_init__(self) -> None:
+        self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in self.tasks]
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FusionConfig:
+        return from_dict(cls, values, where="config.json")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how rows become model inputs."""
+
+    path: str = "data/sample"
+    """Directory (imagefolder layout or save_to_disk), or a .csv/.jsonl/.parquet file."""
+    format: Literal["auto", "imagefolder", "csv", "json", "parquet", "disk"] = "auto"
+    """How to read `path`; auto decides from the file suffix or directory contents."""
+    image_column: str = "image"
+    """Column with the image (a decoded image, bytes, or a path relative to the data file)."""
+    text_column: str = "caption"
+    """Column with the text."""
+    val_fraction: float = 0.1
+    """Share of train held out for validation when the data has no validation split."""
+    streaming: bool = False
+    """Read the data as a stream (for data larger than memory)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad rows (unreadable image, empty text, unknown label): stop with an error, or skip and count them."""
+    tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
+    """Tokenizer trained on the training text for lstm/gru/transformer encoders."""
+    max_text_length: int = 64
+    """Texts are truncated to this many tokens (truncations are counted)."""
+    augment: bool = True
+    """Random crop and flip of training images (seeded by seed, epoch and index)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels are rejected as possible decompression bombs."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, checkpoints/, best/ and final/ go."""
+    epochs: int = 3
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: use epochs)."""
+    batch_size: int = 32
+    """Batch size per process."""
+    eval_batch_size: int = 128
+    """Evaluation batch size per process."""
+    lr: float = 2e-3
+    """Learning rate of the new parts (fusion, heads, encoders trained from scratch)."""
+    encoder_lr: float = 5e-5
+    """Learning rate of pretrained encoders (those loaded from weights)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never applied to norms and biases)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming up the learning rate."""
+    grad_accumulation: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: no clipping)."""
+    loss_weighting: str = "sum"
+    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
+    modality_dropout: float = 0.0
+    """Probability of dropping the image or the text of a training sample."""
+    seed: int = 0
+    """Seed of everything random."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: each epoch)."""
+    save_every: int = 0
+    """Save the training state every N steps (0: each epoch)."""
+    keep_checkpoints: int = 2
+    """How many training-state checkpoints to keep."""
+    best_metric: str = "summary"
+    """Metric that picks best/: summary, or task/metric such as topic/accuracy."""
+    resume: str | None = None
+    """Continue from a training state: latest, or a checkpoints/step_N directory."""
+    init_from: str | None = None
+    """Start from a pretrained fusion checkpoint (compatible parts are loaded)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Experiment tracker."""
+    report: bool = True
+    """Write report.html at the end of training."""
+
+
+@dataclass
+class Config:
+    """mmfusion training configuration."""
+
+    config: str | None = None
+    """YAML file with the base configuration; command-line options override it."""
+    model: FusionConfig = field(default_factory=FusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    """Tasks; inferred from the training split's columns when empty."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass `cls` from nested plain values, naming any unknown key (and the nearest valid one)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
+            raise ValueError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _convert(hints[key], value, f"{where}: {key}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against the type hint, building nested dataclasses; raise naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and (type(value) is hint):
+        return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a YAML config file into a `Config`, naming the file and key of anything invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    values.pop("config", None)
+    return from_dict(Config, values, where=str(path))
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,61 @@
+"""Task heads: a small optional tower on the shared [B, dim] features, then the task's output layer.
+
+Matching heads are different: they project each modality's pooled vector into a shared space and return
+the [B, B] image-to-text similarity logits (CLIP-style, learnable temperature).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TaskSpec
+
+
+class TaskHead(nn.Module):
+    """`hidden_layers` task-specific layers, then a linear output: logits [B, C] (regression: [B])."""
+
+    def __init__(self, spec: TaskSpec, dim: int, dropout: float) -> None:
+        super().__init__()
+        tower = []
+        for _ in range(spec.hidden_layers):
+            tower += [nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout)]
+        self.tower = nn.Sequential(*tower)
+        self.drop = nn.Dropout(dropout)
+        self.output = nn.Linear(dim, spec.out_features)
+        self.squeeze = spec.type == "regression"
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.output(self.drop(self.tower(features)))
+        return logits.squeeze(-1) if self.squeeze else logits
+
+
+class MatchingHead(nn.Module):
+    """Image-text contrastive head: cosine similarities scaled by a learned temperature."""
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int) -> None:
+        super().__init__()
+        self.image = nn.Linear(image_dim, dim)
+        self.text = nn.Linear(text_dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def embed(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.image(image), dim=-1), F.normalize(self.text(text), dim=-1)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        image_embedding, text_embedding = self.embed(image, text)
+        return self.logit_scale.clamp(max=math.log(100)).exp() * image_embedding @ text_embedding.T
+
+
+HEADS = {"classification": TaskHead, "multilabel": TaskHead, "regression": TaskHead, "matching": MatchingHead}
+
+
+def build_head(spec: TaskSpec, dim: int, in_dims: dict[str, int], dropout: float) -> nn.Module:
+    if spec.type not in HEADS:
+        raise ValueError(f"task {spec.name!r}: unknown type {spec.type!r}; choose from {sorted(HEADS)}")
+    if spec.type == "matching":
+        return MatchingHead(in_dims["image"], in_dims["text"], dim)
+    return TaskHead(spec, dim, dropout)

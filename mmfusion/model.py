@@ -1,0 +1,267 @@
+"""FusionModel: image encoder + text encoder -> fusion -> task heads, with checkpoint save/load.
+
+A checkpoint directory holds `config.json` (the model config with its task specs and the mmfusion version) and
+`model.safetensors`; loading never unpickles or executes anything from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import FusionConfig, TaskSpec
+from .fusions import FusedOutput, build_fusion
+from .heads import build_head
+from .image_encoders import build_image_encoder
+from .layers import EncoderOutput
+from .losses import default_label_mask, task_loss
+from .text_encoders import build_text_encoder
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class FusionOutput:
+    logits: dict[str, torch.Tensor]  # per task: [B, C] (regression: [B] standardised; matching: [B, B])
+    loss: torch.Tensor | None = None  # weighted sum of task losses (None without labels)
+    task_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per task, deep-supervision terms included
+    fused: torch.Tensor | None = None  # [B, dim]
+    extras: dict = field(default_factory=dict)  # fusion extras (gates, attention) and the encoders' pooled vectors
+
+
+class FusionModel(nn.Module):
+    """Multimodal fusion model; see `FusionConfig` for every option."""
+
+    def __init__(self, config: FusionConfig) -> None:
+        super().__init__()
+        if not config.tasks:
+            raise ValueError("FusionConfig.tasks is empty: give at least one TaskSpec")
+        self.config = config
+        self.image_encoder = build_image_encoder(config)
+        self.text_encoder = build_text_encoder(config)
+        in_dims = {"image": self.image_encoder.out_dim, "text": self.text_encoder.out_dim}
+        self.fusion = build_fusion(config, in_dims)
+        # Learned stand-ins for an absent modality (a row with no image or no text).
+        self.placeholders = nn.ParameterDict({name: nn.Parameter(torch.randn(d) * 0.02) for name, d in in_dims.items()})
+        self.heads = nn.ModuleDict()
+        self.aux_heads = nn.ModuleDict()  # deep supervision: task -> {depth: head}, used in training only
+        for spec in config.tasks:
+            depths = self._depths(spec)
+            self.heads[spec.name] = build_head(spec, config.dim, in_dims, config.dropout)
+            if spec.type != "matching" and len(depths) > 1:
+                self.aux_heads[spec.name] = nn.ModuleDict(
+                    {str(d): build_head(spec, config.dim, in_dims, config.dropout) for d in depths[:-1]}
+                )
+        self.aux_scale = 1.0  # multiplies every deep-supervision weight; the trainer may schedule it
+        for encoder, frozen in ((self.image_encoder, config.freeze_image), (self.text_encoder, config.freeze_text)):
+            encoder.requires_grad_(not frozen)
+
+    def _depths(self, spec: TaskSpec) -> list[int]:
+        """The task's fusion depths as sorted non-negative indices, deepest last."""
+        layers = self.config.fusion_layers
+        depths = []
+        for depth in spec.head_depths:
+            if not -layers <= depth < layers:
+                raise ValueError(f"task {spec.name!r}: depth {depth} is outside the {layers} fusion layers")
+            depths.append(depth % layers)
+        return sorted(set(depths))
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return {spec.name: spec for spec in self.config.tasks}
+
+    def train(self, mode: bool = True) -> FusionModel:
+        """Frozen encoders stay in eval mode (fixed normalisation statistics, no dropout)."""
+        super().train(mode)
+        if self.config.freeze_image:
+            self.image_encoder.eval()
+        if self.config.freeze_text:
+            self.text_encoder.eval()
+        return self
+
+    def _fill_absent(self, name: str, encoded: EncoderOutput, present: torch.Tensor | None) -> EncoderOutput:
+        """Rows where the modality is absent get the learned placeholder as their one and only token."""
+        if present is None:
+            return encoded
+        placeholder = self.placeholders[name].to(encoded.pooled.dtype)
+        keep = present.view(-1, 1)
+        pooled = torch.where(keep, encoded.pooled, placeholder)
+        first = torch.zeros_like(encoded.mask)
+        first[:, 0] = True
+        mask = torch.where(keep, encoded.mask, first)
+        tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_present: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+    ) -> dict[str, EncoderOutput]:
+        attention_mask = attention_mask.clone()
+        attention_mask[:, 0] = 1  # an empty (absent) text still gets one position, so attention is never empty
+        image = self._fill_absent("image", self.image_encoder(pixel_values), image_present)
+        text = self._fill_absent("text", self.text_encoder(input_ids, attention_mask), text_present)
+        return {"image": image, "text": text}
+
+    def _head_logits(self, head: nn.Module, fused: FusedOutput, depth: int) -> torch.Tensor:
+        if fused.branches is None:
+            return head(fused.layers[depth])
+        return torch.stack([head(layers[depth]) for layers in fused.branches.values()]).mean(0)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: dict[str, torch.Tensor] | None = None,
+        label_mask: dict[str, torch.Tensor] | None = None,
+        image_present: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> FusionOutput:
+        encoded = self.encode(pixel_values, input_ids, attention_mask, image_present, text_present)
+        fused = self.fusion(encoded, output_attentions=output_attentions)
+        logits = {}
+        for spec in self.config.tasks:
+            head = self.heads[spec.name]
+            if spec.type == "matching":
+                logits[spec.name] = head(encoded["image"].pooled, encoded["text"].pooled)
+            else:
+                logits[spec.name] = self._head_logits(head, fused, self._depths(spec)[-1])
+        extras = dict(fused.extras)
+        extras["pooled"] = {name: out.pooled for name, out in encoded.items()}
+        output = FusionOutput(logits=logits, fused=fused.features, extras=extras)
+        if labels is not None:
+            output.task_losses = self._task_losses(fused, logits, labels, label_mask or {})
+            output.loss = sum(self.tasks[name].weight * loss for name, loss in output.task_losses.items())
+        return output
+
+    def _task_losses(self, fused, logits, labels, label_mask) -> dict[str, torch.Tensor]:
+        """Each labelled task's masked loss; in training, plus its deep-supervision heads' losses (1/2^k)."""
+        losses = {}
+        for spec in self.config.tasks:
+            if spec.name not in labels:
+                continue
+            target = labels[spec.name]
+            mask = label_mask.get(spec.name)
+            mask = default_label_mask(spec, target) if mask is None else mask.bool()
+            loss = task_loss(spec, logits[spec.name], target, mask)
+            if self.training and spec.name in self.aux_heads:
+                aux_depths = sorted(self.aux_heads[spec.name], key=int, reverse=True)
+                for k, depth in enumerate(aux_depths, start=1):
+                    aux_logits = self._head_logits(self.aux_heads[spec.name][depth], fused, int(depth))
+                    loss = loss + self.aux_scale * 0.5**k * task_loss(spec, aux_logits, target, mask)
+            losses[spec.name] = loss
+        return losses
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ----- checkpoints -----
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors atomically (a temporary directory, then a rename)."""
+        directory = Path(directory)
+        with atomic_directory(directory) as staging:
+            config = {"mmfusion_version": __version__, "architecture": "FusionModel", **self.config.to_dict()}
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "mmfusion_version": __version__})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> FusionModel:
+        """Rebuild the model from `config.json` and load `model.safetensors` exactly (strict, shapes checked)."""
+        directory = Path(directory)
+        model = cls(read_config(directory))
+        state = read_weights(directory)
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {problems}")
+        model.load_state_dict(state)
+        return model
+
+
+def read_config(directory: Path) -> FusionConfig:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"not an mmfusion checkpoint: {path} is missing")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict) or values.pop("architecture", None) != "FusionModel":
+        raise ValueError(f"{path} is not an mmfusion FusionModel config (no 'architecture': 'FusionModel')")
+    values.pop("mmfusion_version", None)
+    return FusionConfig.from_dict(values)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights missing: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """Describe missing, unexpected and wrongly shaped tensors ('' when they match)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if expected[k].shape != found[k].shape
+    ]
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            parts.append(f"{title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    return "; ".join(parts)
+
+
+class atomic_directory:
+    """Context manager yielding a staging directory that replaces `target` only when the block succeeds."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.target.is_dir():
+            raise NotADirectoryError(f"cannot write a checkpoint to {self.target}: it exists and is a file")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.staging
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        os.chmod(self.staging, 0o755)
+        for path in self.staging.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+        os.rename(self.staging, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

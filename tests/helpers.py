@@ -1,0 +1,56 @@
+"""Tiny configurations and fake batches shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from mmfusion import FusionConfig, TaskSpec
+
+
+def tiny_tasks() -> list[TaskSpec]:
+    return [
+        TaskSpec(name="topic", type="classification", num_labels=3, depths=[0, 1]),
+        TaskSpec(name="tags", type="multilabel", num_labels=4),
+        TaskSpec(name="score", type="regression", target_mean=2.0, target_std=3.0),
+        TaskSpec(name="pair", type="matching"),
+    ]
+
+
+def tiny_config(image_encoder="simple_cnn", text_encoder="lstm", fusion="concat", **overrides) -> FusionConfig:
+    values = dict(
+        image_encoder=image_encoder,
+        image_widths=[8, 16],
+        image_size=32,
+        text_encoder=text_encoder,
+        text_dim=16,
+        text_heads=2,
+        vocab_size=50,
+        max_text_length=32,
+        fusion=fusion,
+        dim=32,
+        fusion_heads=2,
+        rank=4,
+        dropout=0.0,
+        tasks=tiny_tasks(),
+    )
+    values.update(overrides)
+    return FusionConfig(**values)
+
+
+def tiny_batch(batch_size=4, length=10, vocab_size=50, image_size=32, seed=0) -> dict:
+    """Images, right-padded token ids of different lengths, and labels with some missing."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([length, length - 3, 2, length - 1][:batch_size])
+    ids = torch.randint(1, vocab_size, (batch_size, length), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    return {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "input_ids": ids * mask,
+        "attention_mask": mask.long(),
+        "labels": {
+            "topic": torch.tensor([0, 2, -1, 1][:batch_size]),
+            "tags": torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0]][:batch_size]).float(),
+            "score": torch.tensor([1.0, float("nan"), -2.0, 4.0][:batch_size]),
+            "pair": torch.tensor([1, 1, 0, 1][:batch_size]),
+        },
+    }
