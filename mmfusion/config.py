@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tyro
 import yaml
 
 TaskType = Literal["classification", "multilabel", "regression", "matching"]
@@ -131,7 +133,7 @@ class FusionConfig:
     """Dropout in fusion layers and heads."""
     tasks: list[TaskSpec] = field(default_factory=list)
     """The tasks the model predicts (filled from the top-level `tasks` when training)."""
-    text_model_config: dict[str, Any] | None = None
+    text_model_config: tyro.conf.Suppress[dict[str, Any] | None] = None
     """hf: the transformers config, stored so a checkpoint rebuilds without the original model files."""
 
     def __post_init__(self) -> None:
@@ -161,12 +163,20 @@ class DataConfig:
     """Column with the image (a decoded image, bytes, or a path relative to the data file)."""
     text_column: str = "caption"
     """Column with the text."""
+    image_root: str | None = None
+    """Directory that relative image paths start from (default: the directory of the data file)."""
     val_fraction: float = 0.1
     """Share of train held out for validation when the data has no validation split."""
+    split_seed: int = 0
+    """Seed of the held-out validation split."""
     streaming: bool = False
     """Read the data as a stream (for data larger than memory)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad rows (unreadable image, empty text, unknown label): stop with an error, or skip and count them."""
+    verify_images: bool = True
+    """Decode every image once while loading, so broken files are found before training starts."""
+    missing_modality: Literal["error", "placeholder"] = "error"
+    """A row with no image or no text (null): an error, or a learned placeholder takes its place."""
     tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
     """Tokenizer trained on the training text for lstm/gru/transformer encoders."""
     max_text_length: int = 64
@@ -311,3 +321,55 @@ def load_yaml(path: str | Path) -> Config:
 
 def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
+    """`--config file.yaml` (optional) then dotted overrides such as `--model.fusion gated`; exits 2 on errors."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    base = Config()
+    path = _option_value(argv, "--config")
+    if path is not None:
+        try:
+            base = load_yaml(path)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"{prog}: error: {error}") from None
+        base.config = path
+    config = tyro.cli(Config, default=base, args=argv, prog=prog, use_underscores=True)
+    problems = check_values(config)
+    if problems:
+        raise SystemExit(f"{prog}: error: " + "; ".join(problems))
+    return config
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_values(config: Config) -> list[str]:
+    """Values that parse but make no sense, each named by its option."""
+    train, data, model = config.train, config.data, config.model
+    rules = [
+        (train.batch_size > 0, f"--train.batch_size must be > 0, got {train.batch_size}"),
+        (train.eval_batch_size > 0, f"--train.eval_batch_size must be > 0, got {train.eval_batch_size}"),
+        (train.lr > 0, f"--train.lr must be > 0, got {train.lr}"),
+        (train.encoder_lr >= 0, f"--train.encoder_lr must be >= 0, got {train.encoder_lr}"),
+        (train.epochs > 0 or train.max_steps > 0, "--train.epochs or --train.max_steps must be > 0"),
+        (train.max_steps >= 0, f"--train.max_steps must be >= 0, got {train.max_steps}"),
+        (train.grad_accumulation >= 1, f"--train.grad_accumulation must be >= 1, got {train.grad_accumulation}"),
+        (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),
+        (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
+        (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
+        (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
+        (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
+        (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
+        (data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
+        (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
+        (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
+        (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
+    ]
+    return [message for ok, message in rules if not ok]

@@ -45,9 +45,12 @@ class MatchingHead(nn.Module):
     def embed(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.image(image), dim=-1), F.normalize(self.text(text), dim=-1)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        image_embedding, text_embedding = self.embed(image, text)
+    def similarity(self, image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        """[B, B] logits: row i scores image i against every text."""
         return self.logit_scale.clamp(max=math.log(100)).exp() * image_embedding @ text_embedding.T
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.similarity(*self.embed(image, text))
 
 
 HEADS = {"classification": TaskHead, "multilabel": TaskHead, "regression": TaskHead, "matching": MatchingHead}

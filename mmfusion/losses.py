@@ -7,10 +7,15 @@ Nothing here calls backward.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import TaskSpec
+from .errors import InputError
 
 
 def default_label_mask(spec: TaskSpec, labels: torch.Tensor) -> torch.Tensor:
@@ -71,3 +76,53 @@ TASK_LOSSES = {
 
 def task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return TASK_LOSSES[spec.type](spec, logits, labels, mask)
+
+
+class LossWeighting(nn.Module):
+    """Combines the per-task losses into the one loss that is back-propagated.
+
+    `sum` uses each TaskSpec's static weight; subclasses learn or adapt the weights. A task absent from
+    `losses` (no labels anywhere in the batch) simply drops out. State is saved as safetensors in a checkpoint.
+    """
+
+    FILE = "loss_weighting.safetensors"
+
+    def __init__(self, tasks: list[TaskSpec]) -> None:
+        super().__init__()
+        self.names = [t.name for t in tasks]
+        self.register_buffer("static", torch.tensor([t.weight for t in tasks], dtype=torch.float32))
+        self.register_buffer("weights", self.static.clone())  # last effective weights, for logging
+
+    def task_weights(self, losses: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
+        return self.static
+
+    def forward(self, task_losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        present = torch.tensor([n in task_losses for n in self.names], device=self.static.device)
+        losses = torch.stack([task_losses[n].float() if n in task_losses else self.static.new_zeros(())
+                              for n in self.names])  # fmt: skip
+        weights = self.task_weights(losses, present, step) * present
+        self.weights = weights.detach()
+        return (weights * losses).sum() + self.regulariser(present)
+
+    def regulariser(self, present: torch.Tensor) -> torch.Tensor | float:
+        return 0.0
+
+    def last_weights(self) -> dict[str, float]:
+        return dict(zip(self.names, self.weights.tolist()))
+
+    def save(self, directory: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, Path(directory) / self.FILE)
+
+    def load(self, directory: Path) -> None:
+        path = Path(directory) / self.FILE
+        if path.is_file():
+            self.load_state_dict(load_file(path, device=str(self.static.device)))
+
+
+WEIGHTINGS = {"sum": LossWeighting}
+
+
+def build_weighting(name: str, tasks: list[TaskSpec]) -> LossWeighting:
+    if name not in WEIGHTINGS:
+        raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
+    return WEIGHTINGS[name](tasks)

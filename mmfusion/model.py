@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .config import FusionConfig, TaskSpec
+from .errors import CheckpointError
 from .fusions import FusedOutput, build_fusion
 from .heads import build_head
 from .image_encoders import build_image_encoder
@@ -135,15 +136,18 @@ class FusionModel(nn.Module):
     ) -> FusionOutput:
         encoded = self.encode(pixel_values, input_ids, attention_mask, image_present, text_present)
         fused = self.fusion(encoded, output_attentions=output_attentions)
-        logits = {}
+        logits, embeddings = {}, {}
         for spec in self.config.tasks:
             head = self.heads[spec.name]
             if spec.type == "matching":
-                logits[spec.name] = head(encoded["image"].pooled, encoded["text"].pooled)
+                image_embedding, text_embedding = head.embed(encoded["image"].pooled, encoded["text"].pooled)
+                embeddings[spec.name] = torch.cat([image_embedding, text_embedding], dim=-1)
+                logits[spec.name] = head.similarity(image_embedding, text_embedding)
             else:
                 logits[spec.name] = self._head_logits(head, fused, self._depths(spec)[-1])
         extras = dict(fused.extras)
         extras["pooled"] = {name: out.pooled for name, out in encoded.items()}
+        extras["matching_embeddings"] = embeddings  # per matching task: [B, 2E], image then text half
         output = FusionOutput(logits=logits, fused=fused.features, extras=extras)
         if labels is not None:
             output.task_losses = self._task_losses(fused, logits, labels, label_mask or {})
@@ -191,35 +195,38 @@ class FusionModel(nn.Module):
         state = read_weights(directory)
         problems = state_dict_mismatch(model.state_dict(), state)
         if problems:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {problems}")
+            raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {problems}")
         model.load_state_dict(state)
         return model
 
 
 def read_config(directory: Path) -> FusionConfig:
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"not an mmfusion checkpoint: {path} is missing")
+        raise CheckpointError(f"not an mmfusion checkpoint: {path} is missing")
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(values, dict) or values.pop("architecture", None) != "FusionModel":
-        raise ValueError(f"{path} is not an mmfusion FusionModel config (no 'architecture': 'FusionModel')")
+        raise CheckpointError(f"{path} is not an mmfusion FusionModel config (no 'architecture': 'FusionModel')")
     values.pop("mmfusion_version", None)
-    return FusionConfig.from_dict(values)
+    try:
+        return FusionConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint weights missing: {path}")
+        raise CheckpointError(f"checkpoint weights missing: {path}")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
@@ -265,3 +272,52 @@ class atomic_directory:
         os.rename(self.staging, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _head_task(key: str) -> str | None:
+    """The task whose head owns state-dict entry `key` (None for encoders, fusion, placeholders)."""
+    parts = key.split(".")
+    return parts[1] if parts[0] in ("heads", "aux_heads") else None
+
+
+def load_compatible(model: FusionModel, directory: Path) -> str:
+    """Start `model` from a checkpoint: encoders, fusion and the heads of tasks whose type and labels are unchanged.
+
+    New or changed tasks keep fresh heads; tasks only in the checkpoint are dropped. A kept regression task keeps the
+    checkpoint's target statistics, so its head's standardised outputs keep their meaning. Returns a report.
+    """
+    source = read_config(directory)
+    state = read_weights(directory)
+    old_tasks = {spec.name: spec for spec in source.tasks}
+    kept, changed = [], []
+    for spec in model.config.tasks:
+        old = old_tasks.get(spec.name)
+        same = old is not None and (old.type, old.labels, old.hidden_layers) == (
+            spec.type,
+            spec.labels,
+            spec.hidden_layers,
+        )
+        if same and spec.type == "regression":
+            spec.target_mean, spec.target_std = old.target_mean, old.target_std
+        (kept if same else changed).append(spec.name)
+    target = model.state_dict()
+    loadable = {
+        key: tensor
+        for key, tensor in state.items()
+        if key in target and target[key].shape == tensor.shape and _head_task(key) not in changed
+    }
+    model.load_state_dict(loadable, strict=False)
+    fresh = sorted({key for key in target if key not in loadable})
+    dropped = sorted(set(old_tasks) - {spec.name for spec in model.config.tasks})
+    lines = [
+        f"init_from {directory}: loaded {len(loadable)} of {len(target)} tensors",
+        f"  kept heads: {kept or 'none'}",
+        f"  re-initialised heads (new or changed tasks): {changed or 'none'}",
+        f"  dropped tasks (only in the checkpoint): {dropped or 'none'}",
+    ]
+    other = [key for key in fresh if _head_task(key) is None]
+    if other:
+        lines.append(
+            f"  also re-initialised (no match in the checkpoint): {other[:8]}{' ...' if len(other) > 8 else ''}"
+        )
+    return "\n".join(lines)

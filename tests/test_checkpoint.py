@@ -9,6 +9,7 @@ import torch
 from helpers import tiny_batch, tiny_config
 
 from mmfusion import FusionModel
+from mmfusion.errors import CheckpointError
 from mmfusion.model import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -64,19 +65,19 @@ def test_failed_save_leaves_previous_checkpoint_intact(saved, monkeypatch):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint directory not found: .*nowhere"):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found: .*nowhere"):
         FusionModel.from_pretrained(tmp_path / "nowhere")
 
 
 def test_directory_without_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an mmfusion checkpoint: .*config.json is missing"):
+    with pytest.raises(CheckpointError, match="not an mmfusion checkpoint: .*config.json is missing"):
         FusionModel.from_pretrained(tmp_path)
 
 
 def test_foreign_config(saved):
     _, directory = saved
     (directory / CONFIG_NAME).write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="not an mmfusion FusionModel config"):
+    with pytest.raises(CheckpointError, match="not an mmfusion FusionModel config"):
         FusionModel.from_pretrained(directory)
 
 
@@ -85,7 +86,7 @@ def test_config_with_unknown_key_names_it(saved):
     config = json.loads((directory / CONFIG_NAME).read_text())
     config["fusoin"] = "gated"
     (directory / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unknown key 'fusoin'; did you mean 'fusion'"):
+    with pytest.raises(CheckpointError, match="unknown key 'fusoin'; did you mean 'fusion'"):
         FusionModel.from_pretrained(directory)
 
 
@@ -93,14 +94,14 @@ def test_truncated_weights(saved):
     _, directory = saved
     data = (directory / WEIGHTS_NAME).read_bytes()
     (directory / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
         FusionModel.from_pretrained(directory)
 
 
 def test_pickle_file_is_refused(saved):
     _, directory = saved
     torch.save({"x": torch.zeros(1)}, directory / WEIGHTS_NAME)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         FusionModel.from_pretrained(directory)
 
 

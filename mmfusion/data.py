@@ -1,0 +1,520 @@
+"""Loading paired image-text data with Hugging Face `datasets`, checking every row, and batching it.
+
+Accepted: a directory in imagefolder layout (`{split}/metadata.jsonl|csv` with `file_name`), a directory of
+`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, or a
+`datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file, bytes, or decoded images.
+Bad rows follow `data.on_error`: `raise` names the split, row and field; `skip` drops and counts them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+from .config import DataConfig, TaskSpec
+from .errors import BadInputError, DataError
+from .processing import FusionProcessor, open_image
+
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+@dataclass
+class LoadedData:
+    """Raw splits plus, for each, the directory that relative image paths start from."""
+
+    splits: dict[str, Dataset | IterableDataset]
+    roots: dict[str, Path]
+    source: str
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.splits["train"], IterableDataset)
+
+
+@dataclass
+class SkipReport:
+    """Rows dropped under `on_error: skip`, counted by split and reason, with the first few messages."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    truncated: Counter = field(default_factory=Counter)  # texts cut to max_text_length, by split
+
+    def add(self, split: str, reason: str, message: str) -> None:
+        self.counts[(split, reason)] += 1
+        if len(self.examples) < 10:
+            self.examples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        lines = [f"skipped {self.total} bad rows" if self.total else "no rows skipped"]
+        lines += [f"  {split}: {count} x {reason}" for (split, reason), count in sorted(self.counts.items())]
+        lines += [f"  e.g. {example}" for example in self.examples[:3]]
+        lines += [f"  {split}: {n} texts truncated to max_text_length" for split, n in sorted(self.truncated.items())]
+        return "\n".join(lines)
+
+
+# ----- loading -----
+
+
+def load_dataset(source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig) -> LoadedData:
+    """Read the splits of `source`; without a validation split, hold out `val_fraction` of train (seeded)."""
+    if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
+        splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
+        root = Path(config.image_root or ".")
+        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
+    else:
+        loaded = _load_path(Path(source), config)
+    loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}
+    loaded.roots = {SPLIT_ALIASES.get(name, name): root for name, root in loaded.roots.items()}
+    if "train" not in loaded.splits:
+        raise DataError(f"{loaded.source}: no train split; found splits {sorted(loaded.splits)}")
+    if "validation" not in loaded.splits:
+        _hold_out_validation(loaded, config)
+    for name, split in loaded.splits.items():
+        loaded.splits[name] = _without_image_decoding(split, config.image_column)
+        if not isinstance(split, IterableDataset) and len(split) == 0:
+            raise DataError(f"{loaded.source}: the {name} split is empty")
+    return loaded
+
+
+def _load_path(path: Path, config: DataConfig) -> LoadedData:
+    if not path.exists():
+        raise DataError(f"data.path does not exist: {path}")
+    fmt = config.format
+    if fmt == "auto":
+        fmt = _detect_format(path)
+    streaming = config.streaming
+    if fmt == "disk":
+        data = datasets.load_from_disk(str(path))
+        splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
+        if streaming:
+            splits = {name: split.to_iterable_dataset() for name, split in splits.items()}
+        return LoadedData(splits, dict.fromkeys(splits, Path(config.image_root or path)), str(path))
+    files, roots = _split_files(path, fmt)
+    builder = (
+        "json"
+        if fmt in ("json", "imagefolder") and files and str(next(iter(files.values()))).endswith(("json", "jsonl"))
+        else TABLE_FORMATS.get(Path(next(iter(files.values()))).suffix, fmt)
+    )
+    try:
+        data = datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, streaming=streaming)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        raise DataError(f"{path}: could not be read as {builder}: {error}") from None
+    if config.image_root:
+        roots = dict.fromkeys(roots, Path(config.image_root))
+    image_column = "file_name" if fmt == "imagefolder" else None
+    splits = {}
+    for name, split in data.items():
+        if image_column and image_column in (split.column_names or []):
+            split = split.rename_column(image_column, config.image_column)
+        splits[name] = split
+    return LoadedData(splits, roots, str(path))
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_file():
+        if path.suffix not in TABLE_FORMATS:
+            raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(TABLE_FORMATS)}")
+        return TABLE_FORMATS[path.suffix]
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "disk"
+    if any((path / name).is_file() for name in METADATA_FILES) or any(
+        (child / name).is_file() for child in path.iterdir() if child.is_dir() for name in METADATA_FILES
+    ):
+        return "imagefolder"
+    if any(child.suffix in TABLE_FORMATS for child in path.iterdir()):
+        return "table"
+    raise DataError(
+        f"{path}: no data found; expected {{split}}/metadata.jsonl (imagefolder), {{split}}.csv|jsonl|parquet files, "
+        "a save_to_disk directory, or a single data file"
+    )
+
+
+def _split_files(path: Path, fmt: str) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Data file and image root of each split."""
+    if path.is_file():
+        return {"train": path}, {"train": path.parent}
+    files: dict[str, Path] = {}
+    if fmt == "imagefolder":
+        for directory in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+            metadata = next((directory / n for n in METADATA_FILES if (directory / n).is_file()), None)
+            if metadata is not None:
+                files["train" if directory == path else directory.name] = metadata
+    else:
+        files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in TABLE_FORMATS}
+    if not files:
+        raise DataError(f"{path}: no metadata or data files found")
+    return files, {name: file.parent for name, file in files.items()}
+
+
+def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:
+    """A deterministic validation split: rows whose seeded hash of the index falls under val_fraction."""
+    train = loaded.splits["train"]
+    if isinstance(train, IterableDataset):
+        threshold = int(config.val_fraction * 10_000)
+
+        def is_validation(_row, index):
+            return _index_bucket(index, config.split_seed) < threshold
+
+        loaded.splits["validation"] = train.filter(is_validation, with_indices=True)
+        loaded.splits["train"] = train.filter(lambda row, index: not is_validation(row, index), with_indices=True)
+    else:
+        parts = train.train_test_split(test_size=config.val_fraction, seed=config.split_seed, shuffle=True)
+        loaded.splits["train"], loaded.splits["validation"] = parts["train"], parts["test"]
+    loaded.roots["validation"] = loaded.roots["train"]
+
+
+def _index_bucket(index: int, seed: int) -> int:
+    return int(np.random.default_rng([seed, index]).integers(0, 10_000))
+
+
+def _without_image_decoding(split: Dataset | IterableDataset, image_column: str):
+    """Keep images as bytes/paths so that decoding happens in our checks, with our error messages."""
+    features = split.features
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        return split.cast_column(image_column, datasets.Image(decode=False))
+    return split
+
+
+# ----- tasks and label maps -----
+
+
+def infer_tasks(train: Dataset | IterableDataset, config: DataConfig) -> tuple[list[TaskSpec], list[str]]:
+    """Tasks from the training split's column types, and one line of explanation per column."""
+    features = train.features
+    if features is None:
+        raise DataError("cannot infer tasks from a stream without known features; list them under `tasks`")
+    ignored = {config.image_column, config.text_column, "file_name"}
+    tasks, notes = [], []
+    for name, feature in features.items():
+        if name in ignored or name.startswith("_"):
+            continue
+        kind = _task_type(feature)
+        if kind is None:
+            notes.append(f"column {name!r} ({feature}) ignored: not a label type")
+            continue
+        tasks.append(TaskSpec(name=name, type=kind))
+        notes.append(f"column {name!r} ({_describe(feature)}) -> {kind} task")
+    if not tasks:
+        raise DataError(f"no label columns to infer tasks from; columns are {list(features)}")
+    return tasks, notes
+
+
+def _describe(feature: Any) -> str:
+    return getattr(feature, "dtype", None) or type(feature).__name__
+
+
+def _task_type(feature: Any) -> str | None:
+    if isinstance(feature, datasets.Value):
+        if feature.dtype in ("string", "large_string", "bool") or feature.dtype.startswith(("int", "uint")):
+            return "classification"
+        if feature.dtype.startswith("float"):
+            return "regression"
+    if isinstance(feature, (datasets.Sequence, datasets.List, datasets.LargeList, list)):
+        return "multilabel"
+    if isinstance(feature, datasets.ClassLabel):
+        return "classification"
+    return None
+
+
+def fit_tasks(tasks: list[TaskSpec], train: Dataset | IterableDataset, config: DataConfig) -> list[TaskSpec]:
+    """Label maps and regression statistics from the training split (values of the wrong type are left to checks)."""
+    columns = _column_values(train, [t.column for t in tasks if t.type != "matching" or t.column in _names(train)])
+    fitted = []
+    for spec in tasks:
+        if spec.type == "matching":
+            fitted.append(spec)
+            continue
+        values = [v for v in columns[spec.column] if v is not None]
+        if spec.type == "regression":
+            numbers = np.array([v for v in values if _is_number(v) and math.isfinite(v)], dtype=np.float64)
+            if len(numbers) == 0:
+                raise DataError(f"regression task {spec.name!r}: column {spec.column!r} has no numeric values in train")
+            std = float(numbers.std()) or 1.0
+            fitted.append(_replace(spec, target_mean=float(numbers.mean()), target_std=std))
+            continue
+        if spec.labels is None:
+            items = [item for v in values for item in v] if spec.type == "multilabel" else values
+            labels = _sorted_labels(item for item in items if isinstance(item, (str, int, bool)))
+            if not labels:
+                raise DataError(f"task {spec.name!r}: column {spec.column!r} has no labels in the train split")
+            spec = _replace(spec, labels=labels, num_labels=len(labels))
+        fitted.append(spec)
+    return fitted
+
+
+def _replace(spec: TaskSpec, **changes) -> TaskSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, **changes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sorted_labels(values) -> list[str]:
+    unique = set(values)
+    if all(_is_number(v) for v in unique):
+        return [str(v) for v in sorted(unique)]
+    return sorted(str(v) for v in unique)
+
+
+def _names(split: Dataset | IterableDataset) -> list[str]:
+    return list(split.column_names or (split.features or {}).keys())
+
+
+def _column_values(split: Dataset | IterableDataset, columns: list[str], limit: int = 100_000) -> dict[str, list]:
+    """The values of `columns` (a stream is read up to `limit` rows), naming a missing column."""
+    available = _names(split)
+    for column in columns:
+        if column not in available:
+            raise DataError(f"column {column!r} not found; the data has columns {available}")
+    if isinstance(split, Dataset):
+        return {column: split[column] for column in columns}
+    values: dict[str, list] = {column: [] for column in columns}
+    for row in split.take(limit):
+        for column in columns:
+            values[column].append(row[column])
+    return values
+
+
+def check_columns(split: Dataset | IterableDataset, split_name: str, tasks: list[TaskSpec], config: DataConfig):
+    """Every configured column exists (a task column may be absent only from unlabelled evaluation splits)."""
+    available = _names(split)
+    for field_name, column in (("data.image_column", config.image_column), ("data.text_column", config.text_column)):
+        if column not in available:
+            raise DataError(f"{split_name} split: {field_name} {column!r} not found; the data has columns {available}")
+    for spec in tasks:
+        if spec.column not in available and not (spec.type == "matching" and spec.column == spec.name):
+            raise DataError(f"{split_name} split: column {spec.column!r} of task {spec.name!r} not found; "
+                            f"the data has columns {available}")  # fmt: skip
+
+
+# ----- rows -----
+
+
+@dataclass
+class RowReader:
+    """Turns one raw row into model-ready tensors, or raises BadInputError naming split, row and field."""
+
+    processor: FusionProcessor
+    tasks: list[TaskSpec]
+    config: DataConfig
+    root: Path
+    split: str
+    allow_missing_modality: bool = False
+
+    def image_path(self, reference: str, where: str) -> Path:
+        """A relative (or absolute) path that must stay inside the data directory."""
+        root = os.path.normpath(os.path.abspath(self.root))
+        resolved = os.path.normpath(os.path.join(root, reference))
+        if os.path.commonpath([root, resolved]) != root:
+            raise BadInputError(f"{where}: image path {reference!r} escapes the data directory {root}")
+        return Path(resolved)
+
+    def load_image(self, value: Any, where: str):
+        if value is None:
+            return None
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+            value = value["path"]
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadInputError(f"{where}: empty image path")
+            value = str(self.image_path(value, where))
+        return open_image(value, self.config.max_image_pixels, where)
+
+    def text(self, value: Any, where: str) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInputError(f"{where}: text is not valid UTF-8") from None
+        if not isinstance(value, str):
+            raise BadInputError(f"{where}: expected text (a string), got {type(value).__name__} {value!r}")
+        if not value.strip():
+            raise BadInputError(f"{where}: text is empty")
+        if "\ufffd" in value:
+            raise BadInputError(f"{where}: text contains undecodable bytes (U+FFFD replacement characters)")
+        return value
+
+    def read(self, row: dict, index: int, epoch: int = 0, augment: bool = False, seed: int = 0,
+             modality_dropout: float = 0.0) -> dict:  # fmt: skip
+        """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
+        where = f"{self.split} split, row {index}"
+        image_value = row.get(self.config.image_column)
+        image = self.load_image(image_value, f"{where}, field {self.config.image_column!r}" + _file_hint(image_value))
+        text = self.text(row.get(self.config.text_column), f"{where}, field {self.config.text_column!r}")
+        if (image is None or text is None) and not self.allow_missing_modality:
+            missing = self.config.image_column if image is None else self.config.text_column
+            raise BadInputError(f"{where}: field {missing!r} is missing (set data.missing_modality: placeholder)")
+        if image is None and text is None:
+            raise BadInputError(f"{where}: both the image and the text are missing")
+        image_present, text_present = image is not None, text is not None
+        if modality_dropout > 0 and image_present and text_present:
+            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
+            if draw[0] < modality_dropout:
+                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
+        labels, masks = {}, {}
+        for spec in self.tasks:
+            value = row.get(spec.column) if spec.column in row else None
+            labels[spec.name], masks[spec.name] = self.processor.encode_label(
+                spec, value, f"{where}, field {spec.column!r}"
+            )
+        key = (seed, epoch, index) if augment else None
+        return {
+            "row": index,
+            "pixel_values": self.processor.image_tensor(image, key) if image_present else self.processor.blank_image(),
+            "input_ids": self.processor.encode_text(text) if text_present else [self.processor.settings.pad_id],
+            "image_present": image_present,
+            "text_present": text_present,
+            "labels": labels,
+            "label_mask": masks,
+        }
+
+
+def _file_hint(value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f" (file {path})" if path else ""
+
+
+def _reason(message: str) -> str:
+    """A short category for the skip counts."""
+    for needle, reason in (
+        ("not found", "missing image file"),
+        ("escapes", "image path outside the data directory"),
+        ("decompression bomb", "image too large"),
+        ("corrupt or truncated", "corrupt image"),
+        ("not a readable image", "unreadable image"),
+        ("permission", "unreadable image"),
+        ("not valid UTF-8", "non-UTF-8 text"),
+        ("undecodable", "non-UTF-8 text"),
+        ("text is empty", "empty text"),
+        ("is missing", "missing modality"),
+        ("not seen in training", "unseen label"),
+        ("expected", "wrong field type"),
+        ("not finite", "non-finite target"),
+    ):
+        if needle in message:
+            return reason
+    return "bad row"
+
+
+def check_split(
+    split: Dataset, name: str, reader: RowReader, report: SkipReport, on_error: str, verify_images: bool = True
+) -> Dataset:
+    """Read every row once; return the split without the bad rows (skip) or raise at the first (raise)."""
+    keep = []
+    truncated_before = reader.processor.truncated
+    for index, row in enumerate(split):
+        try:
+            if verify_images:
+                reader.read(row, index)
+            else:
+                reader.text(row.get(reader.config.text_column), f"{name} split, row {index}")
+        except BadInputError as error:
+            if on_error == "raise":
+                raise
+            report.add(name, _reason(str(error)), str(error))
+            continue
+        keep.append(index)
+    if reader.processor.truncated > truncated_before:
+        report.truncated[name] += reader.processor.truncated - truncated_before
+    if not keep:
+        raise DataError(f"the {name} split has no usable rows ({report.summary()})")
+    return split if len(keep) == len(split) else split.select(keep)
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """Map-style dataset over checked rows; `set_epoch` changes the augmentation draw."""
+
+    def __init__(self, split: Dataset, reader: RowReader, augment: bool = False, seed: int = 0,
+                 modality_dropout: float = 0.0) -> None:  # fmt: skip
+        self.split, self.reader, self.augment, self.seed = split, reader, augment, seed
+        self.modality_dropout = modality_dropout
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.reader.read(self.split[int(index)], int(index), self.epoch, self.augment, self.seed,
+                                self.modality_dropout)  # fmt: skip
+
+
+class FusionStream(torch.utils.data.IterableDataset):
+    """A streamed split: rows are checked as they arrive; bad ones raise or are skipped and counted."""
+
+    def __init__(self, split: IterableDataset, reader: RowReader, on_error: str, augment: bool = False,
+                 seed: int = 0, modality_dropout: float = 0.0) -> None:  # fmt: skip
+        self.split, self.reader, self.on_error = split, reader, on_error
+        self.augment, self.seed, self.modality_dropout = augment, seed, modality_dropout
+        self.epoch = 0
+        self.report = SkipReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        stream = self.split.shuffle(seed=self.seed + self.epoch, buffer_size=1000) if self.augment else self.split
+        for index, row in enumerate(stream):
+            try:
+                yield self.reader.read(row, index, self.epoch, self.augment, self.seed, self.modality_dropout)
+            except BadInputError as error:
+                if self.on_error == "raise":
+                    raise
+                self.report.add(self.reader.split, _reason(str(error)), str(error))
+
+
+@dataclass
+class Collator:
+    """Stacks rows into a batch: texts padded to the longest in the batch, labels with per-sample masks."""
+
+    pad_id: int = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        length = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
+            attention_mask[i, : len(row["input_ids"])] = 1 if row["text_present"] else 0
+        tasks = rows[0]["labels"].keys()
+        return {
+            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_present": torch.tensor([row["image_present"] for row in rows]),
+            "text_present": torch.tensor([row["text_present"] for row in rows]),
+            "labels": {task: torch.stack([row["labels"][task] for row in rows]) for task in tasks},
+            "label_mask": {task: torch.tensor([row["label_mask"][task] for row in rows]) for task in tasks},
+            "row": torch.tensor([row["row"] for row in rows]),
+        }
+
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch entries that `FusionModel.forward` takes besides labels."""
+    return {key: batch[key] for key in MODEL_INPUTS}

@@ -1,0 +1,239 @@
+"""FusionProcessor: turns raw images, texts and labels into model inputs, and saves beside a checkpoint.
+
+Images: any PIL mode to RGB, resize, (training) a random crop whose randomness derives only from
+(seed, epoch, index), normalisation. Texts: a `tokenizers.Tokenizer` - the Hugging Face model's own for `hf`
+encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from .config import TaskSpec
+from .errors import BadInputError, CheckpointError
+
+PROCESSOR_NAME = "processor.json"
+TOKENIZER_NAME = "tokenizer.json"
+PAD, UNK = "[PAD]", "[UNK]"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ProcessorSettings:
+    """Everything `processor.json` stores."""
+
+    image_size: int = 64
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    hflip: bool = False
+    max_text_length: int = 64
+    pad_id: int = 0
+    max_image_pixels: int = 50_000_000
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK, ...) as 8-bit RGB; transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / high * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
+    """Open and fully decode an image from a path, bytes, a {'bytes', 'path'} dict or a PIL image."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except FileNotFoundError:
+            raise BadInputError(f"{where}: image file not found: {source}") from None
+        except PermissionError:
+            raise BadInputError(f"{where}: image file is not readable (permission denied): {source}") from None
+        except (OSError, Image.DecompressionBombError, ValueError) as error:
+            raise BadInputError(f"{where}: not a readable image ({error})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadInputError(
+            f"{where}: image of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels} "
+            "(possible decompression bomb)"
+        )
+    if width == 0 or height == 0:
+        raise BadInputError(f"{where}: image is empty ({width}x{height})")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BadInputError(f"{where}: image is corrupt or truncated ({error})") from None
+    return to_rgb(image)
+
+
+def train_tokenizer(texts: Iterable[str], kind: str = "wordlevel", vocab_size: int = 8000) -> Tokenizer:
+    """A lower-casing word-level or BPE tokenizer trained on `texts`; [PAD] is id 0 and [UNK] id 1."""
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
+    elif kind == "wordlevel":
+        tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer {kind!r}; choose wordlevel or bpe")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def hf_tokenizer(model_path: str) -> tuple[Tokenizer, int]:
+    """The fast tokenizer of a Hugging Face model (local path or cache) as a `tokenizers.Tokenizer`, and its pad id."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer.backend_tokenizer, tokenizer.pad_token_id or 0
+
+
+class FusionProcessor:
+    """Images, texts and labels in; padded tensors out. `save_pretrained`/`from_pretrained` like the model."""
+
+    def __init__(self, tokenizer: Tokenizer, settings: ProcessorSettings | None = None) -> None:
+        self.settings = settings or ProcessorSettings()
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.settings.max_text_length)
+        self._label_index: dict[tuple[str, ...], dict[str, int]] = {}
+        self.truncated = 0  # texts cut to max_text_length so far
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    # ----- images -----
+
+    def crop_box(self, width: int, height: int, seed: int, epoch: int, index: int) -> tuple[int, int, int, int]:
+        """Random crop (scale and position) drawn from a generator seeded by (seed, epoch, index) only."""
+        generator = np.random.default_rng([seed, epoch, index])
+        low, high = self.settings.crop_scale
+        side = math.sqrt(generator.uniform(low, high))
+        crop_w, crop_h = max(1, round(width * side)), max(1, round(height * side))
+        left = int(generator.integers(0, width - crop_w + 1))
+        top = int(generator.integers(0, height - crop_h + 1))
+        return left, top, left + crop_w, top + crop_h
+
+    def image_tensor(self, image: Image.Image, augment_key: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """RGB PIL image -> normalised [3, S, S]; `augment_key` = (seed, epoch, index) enables the random crop."""
+        if augment_key is not None:
+            image = image.crop(self.crop_box(*image.size, *augment_key))
+            if self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        size = self.settings.image_size
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        mean = torch.tensor(self.settings.mean).view(3, 1, 1)
+        std = torch.tensor(self.settings.std).view(3, 1, 1)
+        return (array - mean) / std
+
+    def blank_image(self) -> torch.Tensor:
+        return torch.zeros(3, self.settings.image_size, self.settings.image_size)
+
+    # ----- texts -----
+
+    def encode_text(self, text: str) -> list[int]:
+        encoding = self.tokenizer.encode(text)
+        if encoding.overflowing:
+            self.truncated += 1
+        return encoding.ids or [self.settings.pad_id]
+
+    # ----- labels -----
+
+    def encode_label(self, spec: TaskSpec, value: Any, where: str) -> tuple[torch.Tensor, bool]:
+        """(target tensor, has label); None means the row has no label for this task."""
+        if spec.type == "multilabel":
+            target = torch.zeros(spec.num_labels)
+            if value is None:
+                return target, False
+            if not isinstance(value, (list, tuple)):
+                raise BadInputError(
+                    f"{where}: expected a list of labels for multilabel task {spec.name!r}, got {value!r}"
+                )
+            for item in value:
+                target[self._class_index(spec, item, where)] = 1.0
+            return target, True
+        if spec.type == "regression":
+            if value is None:
+                return torch.tensor(float("nan")), False
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadInputError(f"{where}: expected a number for regression task {spec.name!r}, got {value!r}")
+            if not math.isfinite(value):
+                raise BadInputError(f"{where}: regression target for task {spec.name!r} is not finite ({value!r})")
+            return torch.tensor(float(value)), True
+        if spec.type == "matching":
+            if value is None:
+                return torch.tensor(1), True  # no column: every row is a true pair
+            return torch.tensor(int(bool(value))), bool(value)
+        if value is None:
+            return torch.tensor(-1), False
+        return torch.tensor(self._class_index(spec, value, where)), True
+
+    def _class_index(self, spec: TaskSpec, value: Any, where: str) -> int:
+        if isinstance(value, (float, list, dict)):
+            raise BadInputError(
+                f"{where}: expected a class label (string, int or bool) for task {spec.name!r}, got {value!r}"
+            )
+        labels = tuple(spec.labels or ())
+        if labels not in self._label_index:
+            self._label_index[labels] = {name: i for i, name in enumerate(labels)}
+        index = self._label_index[labels].get(str(value))
+        if index is None:
+            known = list(labels)
+            raise BadInputError(
+                f"{where}: label {value!r} of task {spec.name!r} was not seen in training; known labels: {known[:20]}"
+            )
+        return index
+
+    # ----- save / load -----
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / PROCESSOR_NAME).write_text(json.dumps(asdict(self.settings), indent=2))
+        self.tokenizer.save(str(directory / TOKENIZER_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> FusionProcessor:
+        directory = Path(directory)
+        for name in (PROCESSOR_NAME, TOKENIZER_NAME):
+            if not (directory / name).is_file():
+                raise CheckpointError(f"processor file missing: {directory / name}")
+        try:
+            values = json.loads((directory / PROCESSOR_NAME).read_text())
+            settings = ProcessorSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except (json.JSONDecodeError, TypeError) as error:
+            raise CheckpointError(f"{directory / PROCESSOR_NAME} is not a valid processor file: {error}") from None
+        try:
+            tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_NAME))
+        except Exception as error:  # tokenizers raises a plain Exception for bad files
+            raise CheckpointError(f"{directory / TOKENIZER_NAME} is not a valid tokenizer file: {error}") from None
+        return cls(tokenizer, settings)

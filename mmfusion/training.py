@@ -1,0 +1,241 @@
+"""The parts of train.py that are not the loop itself: data preparation, optimizer, schedule, training state.
+
+Training state lives in `output_dir/checkpoints/step_N/` (accelerate's `save_state` plus `trainer_state.json`);
+each is written to a hidden temporary directory first and renamed, so `latest` never picks a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, TaskSpec, TrainConfig
+from .data import (
+    Collator,
+    FusionDataset,
+    FusionStream,
+    LoadedData,
+    RowReader,
+    SkipReport,
+    check_columns,
+    check_split,
+    fit_tasks,
+    infer_tasks,
+    load_dataset,
+)
+from .model import FusionModel
+from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
+
+STATE_NAME = "trainer_state.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ----- data -----
+
+
+@dataclass
+class PreparedData:
+    tasks: list[TaskSpec]
+    processor: FusionProcessor
+    datasets: dict[str, torch.utils.data.Dataset]
+    report: SkipReport
+    notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
+
+
+def build_processor(config: Config, tasks: list[TaskSpec], loaded: LoadedData) -> FusionProcessor:
+    """The HF model's tokenizer for `hf`, else a tokenizer trained on the training text; model.vocab_size follows."""
+    model, data = config.model, config.data
+    settings = ProcessorSettings(
+        image_size=model.image_size, max_text_length=data.max_text_length, max_image_pixels=data.max_image_pixels
+    )
+    if model.text_encoder == "hf":
+        tokenizer, settings.pad_id = hf_tokenizer(model.text_model)
+    else:
+        train = loaded.splits["train"]
+        texts = train[data.text_column] if not loaded.streaming else (r[data.text_column] for r in train.take(100_000))
+        tokenizer = train_tokenizer((t for t in texts if isinstance(t, str)), data.tokenizer, model.vocab_size)
+        model.vocab_size = tokenizer.get_vocab_size()
+    model.max_text_length = max(model.max_text_length, data.max_text_length)
+    return FusionProcessor(tokenizer, settings)
+
+
+def prepare_data(config: Config, processor: FusionProcessor | None = None, splits=("train", "validation", "test")):
+    """Load, infer and fit tasks, build the processor, check every row; returns datasets per split."""
+    data = config.data
+    loaded = load_dataset(data.path, data)
+    notes = []
+    tasks = config.tasks
+    if not tasks:
+        tasks, notes = infer_tasks(loaded.splits["train"], data)
+    tasks = fit_tasks(tasks, loaded.splits["train"], data)
+    if processor is None:
+        processor = build_processor(config, tasks, loaded)
+    report = SkipReport()
+    datasets = {}
+    for name in splits:
+        if name not in loaded.splits:
+            continue
+        split = loaded.splits[name]
+        check_columns(split, name, tasks, data)
+        reader = RowReader(processor, tasks, data, loaded.roots[name], name, data.missing_modality == "placeholder")
+        train = name == "train"
+        augment = train and data.augment
+        dropout = config.train.modality_dropout if train else 0.0
+        if loaded.streaming:
+            datasets[name] = FusionStream(split, reader, data.on_error, augment, config.train.seed, dropout)
+        else:
+            split = check_split(split, name, reader, report, data.on_error, data.verify_images)
+            datasets[name] = FusionDataset(split, reader, augment, config.train.seed, dropout)
+    return PreparedData(tasks, processor, datasets, report, notes)
+
+
+def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and not isinstance(dataset, torch.utils.data.IterableDataset),
+        collate_fn=Collator(pad_id),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers are re-created each epoch and so see the dataset's new epoch
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# ----- optimisation -----
+
+
+def pretrained_modules(model: FusionModel) -> list[torch.nn.Module]:
+    """Encoders that start from pretrained weights and so train at `encoder_lr`."""
+    modules = []
+    if model.config.image_weights:
+        modules.append(model.image_encoder)
+    if model.config.text_encoder == "hf":
+        modules.append(model.text_encoder)
+    return modules
+
+
+def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=()) -> torch.optim.AdamW:
+    """AdamW; pretrained encoders at encoder_lr, the rest at lr; no weight decay on norms, biases and scalars."""
+    pretrained = {id(p) for module in pretrained_modules(model) for p in module.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for parameter in [*model.parameters(), *extra_parameters]:
+        if parameter.requires_grad:
+            groups.setdefault((id(parameter) in pretrained, parameter.ndim >= 2), []).append(parameter)
+    param_groups = [
+        {
+            "params": params,
+            "lr": train.encoder_lr if is_pretrained else train.lr,
+            "weight_decay": train.weight_decay if decays else 0.0,
+        }
+        for (is_pretrained, decays), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available() or None)
+
+
+def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for warmup_ratio of the steps, then cosine, linear or constant."""
+    warmup = int(train.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if train.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if train.scheduler == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_step(seed: int, epoch: int, batch: int, process: int) -> None:
+    """Re-seed torch from (seed, epoch, batch, process) before each batch: dropout and random loss weights then
+    depend on nothing else, so a resumed run draws exactly what an uninterrupted one drew."""
+    torch.manual_seed(((seed * 10_007 + epoch) * 10_000_019 + batch) * 256 + process)
+
+
+# ----- training state -----
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is, saved as JSON beside accelerate's state."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # loader batches already consumed in `epoch`
+    best_value: float | None = None
+    best_step: int | None = None
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete training states, oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--train.resume latest: no checkpoint under {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"--train.resume {resume}: not a training checkpoint (no {STATE_NAME})")
+    return path
+
+
+def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
+    """accelerate's save_state into a temporary directory, renamed to step_N once complete; keeps the last `keep`."""
+    root = output_dir / "checkpoints"
+    final = root / f"step_{state.step}"
+    staging = root / f".step_{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator, directory: Path) -> TrainerState:
+    accelerator.load_state(str(directory))
+    return TrainerState(**json.loads((directory / STATE_NAME).read_text()))
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to save and stop at the next step instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum

@@ -1,0 +1,271 @@
+"""Fine-tune a multimodal fusion model with accelerate.
+
+    accelerate launch train.py                                        # the bundled sample data
+    accelerate launch train.py --config configs/x.yaml --model.fusion gated --train.lr 3e-4
+    accelerate launch --mixed_precision bf16 train.py --data.path my_data/ --train.output_dir runs/mine
+
+`python train.py --help` lists every option. Outputs go to --train.output_dir: config.yaml, metrics.jsonl,
+checkpoints/step_N/ (training state for --train.resume), best/ and final/ (from_pretrained directories).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from tqdm.auto import tqdm
+
+from mmfusion.config import Config, parse_args, save_yaml
+from mmfusion.data import model_inputs
+from mmfusion.errors import InputError
+from mmfusion.evaluation import evaluate
+from mmfusion.losses import build_weighting
+from mmfusion.model import FusionModel, atomic_directory, load_compatible, read_config
+from mmfusion.processing import FusionProcessor
+from mmfusion.training import (
+    StopSignal,
+    TrainerState,
+    build_optimizer,
+    build_scheduler,
+    load_training_state,
+    make_loader,
+    prepare_data,
+    resolve_resume,
+    save_training_state,
+    seed_step,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        return train(config)
+    except InputError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def train(config: Config) -> int:
+    cfg = config.train
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--train.output_dir {output_dir} exists and is not a directory")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    log = accelerator.print
+    stop = StopSignal()
+
+    # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
+    processor = FusionProcessor.from_pretrained(cfg.init_from) if cfg.init_from else None
+    data = prepare_data(config, processor)
+    config.tasks = data.tasks
+    for note in data.notes:
+        log(f"tasks: {note}")
+    log(f"data: {data.report.summary()}")
+    train_set, val_set = data.datasets["train"], data.datasets["validation"]
+    pad_id = data.processor.settings.pad_id
+    train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, config.data.num_workers)
+    val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, config.data.num_workers)
+
+    # ---- model: fresh, or the compatible parts of a pretrained fusion checkpoint
+    if cfg.init_from:
+        config.model = read_config(Path(cfg.init_from))
+    config.model.tasks = data.tasks
+    model = FusionModel(config.model)
+    if cfg.init_from:
+        log(load_compatible(model, Path(cfg.init_from)))
+    weighting = build_weighting(cfg.loss_weighting, data.tasks)
+    optimizer = build_optimizer(model, cfg, weighting.parameters())
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accumulation)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler
+    )
+    weighting.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    log(
+        f"model: {unwrapped.num_parameters():,} parameters ({unwrapped.num_parameters(trainable_only=True):,} "
+        f"trainable); data: {len(train_set):,} train / {len(val_set):,} validation pairs; "
+        f"{total_steps} steps of {cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation} pairs"
+    )
+
+    # ---- outputs and resume
+    state = TrainerState()
+    if cfg.resume:
+        checkpoint = resolve_resume(cfg.resume, output_dir)
+        state = load_training_state(accelerator, checkpoint)
+        weighting.load(checkpoint)
+        log(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, output_dir / "config.yaml")
+    accelerator.init_trackers("mmfusion", config=_flat(config.to_dict()))
+    metrics_file = output_dir / "metrics.jsonl"
+
+    def record(values: dict) -> None:
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(values) + "\n")
+
+    def save_pretrained(name: str) -> Path:
+        directory = output_dir / name
+        if accelerator.is_main_process:
+            with atomic_directory(directory) as staging:
+                accelerator.unwrap_model(model).save_pretrained(staging)
+                data.processor.save_pretrained(staging)
+        accelerator.wait_for_everyone()
+        return directory
+
+    def run_evaluation(epoch: int) -> dict:
+        metrics = evaluate(model, val_loader, accelerator, data.tasks)
+        record({"step": state.step, "epoch": epoch, "split": "validation", **metrics})
+        accelerator.log(_flat({"validation": metrics}), step=state.step)
+        value = _best_value(metrics, cfg.best_metric)
+        improved = state.best_value is None or value > state.best_value
+        if improved:
+            state.best_value, state.best_step = value, state.step
+            save_pretrained("best")
+        log(f"step {state.step} validation: {_one_line(metrics)}{'  (best)' if improved else ''}")
+        return metrics
+
+    # ---- the loop
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
+    start_time, start_step, running = time.perf_counter(), state.step, {}
+    epoch = state.epoch
+    done = state.step >= total_steps
+    while not done:
+        train_loader.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        batches = train_loader
+        if state.batches_in_epoch:
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in batches:
+            seed_step(cfg.seed, epoch, state.batches_in_epoch, accelerator.process_index)
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
+                loss = weighting(out.task_losses, state.step)
+                if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":
+                    rows = batch["row"].tolist()
+                    raise FloatingPointError(
+                        f"non-finite loss at step {state.step} (epoch {epoch}, train rows {rows}); "
+                        f"task losses: { {k: float(v) for k, v in out.task_losses.items()} }. "
+                        f"The last good checkpoint is in {output_dir / 'checkpoints'}"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in out.task_losses.items():
+                running[name] = running.get(name, 0.0) + value.detach()
+            running["loss"] = running.get("loss", 0.0) + loss.detach()
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.skipped_steps += int(accelerator.optimizer_step_was_skipped)
+            progress.update(1)
+            if state.step % 10 == 0 or state.step == total_steps:
+                count = cfg.grad_accumulation * 10 if state.step % 10 == 0 else cfg.grad_accumulation
+                logged = {k: float(v) / count for k, v in running.items()}
+                pairs = (state.step - start_step) * cfg.batch_size * cfg.grad_accumulation * accelerator.num_processes
+                speed = pairs / (time.perf_counter() - start_time)
+                lr = scheduler.get_last_lr()[-1]
+                progress.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.2e}", pairs_s=f"{speed:.0f}")
+                record({"step": state.step, "epoch": epoch, "split": "train", "losses": logged, "lr": lr,
+                        "pairs_per_s": speed, "weights": weighting.last_weights()})  # fmt: skip
+                accelerator.log(_flat({"train": {**logged, "lr": lr, "pairs_per_s": speed}}), step=state.step)
+                running = {}
+            end_of_epoch = state.batches_in_epoch == len(train_loader)
+            done = state.step >= total_steps
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or done:
+                run_evaluation(epoch)
+            if end_of_epoch:
+                epoch, state.epoch, state.batches_in_epoch = epoch + 1, epoch + 1, 0
+            if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
+                _save_state(accelerator, output_dir, state, cfg, weighting)
+            if stop.received is not None:
+                _save_state(accelerator, output_dir, state, cfg, weighting)
+                log(f"received signal {stop.received}: saved the training state at step {state.step}; resume with "
+                    f"--train.resume latest")  # fmt: skip
+                accelerator.end_training()
+                return 0
+            if done:
+                break
+        else:  # the loader ran out (a stream, or the last partial accumulation)
+            if state.batches_in_epoch:
+                epoch, state.epoch, state.batches_in_epoch = epoch + 1, epoch + 1, 0
+    progress.close()
+
+    # ---- the end: final weights, test report, where everything is
+    final = save_pretrained("final")
+    if "test" in data.datasets:
+        best = FusionModel.from_pretrained(output_dir / "best") if (output_dir / "best").is_dir() else unwrapped
+        test_loader = accelerator.prepare(make_loader(data.datasets["test"], cfg.eval_batch_size, pad_id, False, 0))
+        metrics = evaluate(accelerator.prepare(best.to(accelerator.device)), test_loader, accelerator, data.tasks)
+        record({"step": state.step, "epoch": epoch, "split": "test", "checkpoint": "best", **metrics})
+        if accelerator.is_main_process:
+            (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log(f"test (best checkpoint): {_one_line(metrics)}")
+    log(
+        f"done in {time.perf_counter() - start_time:.0f}s: best checkpoint {output_dir / 'best'} "
+        f"(step {state.best_step}), final {final}, metrics in {metrics_file}\n"
+        f"evaluate with: mmfusion evaluate {output_dir / 'best'} --data.path {config.data.path} --split test"
+    )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _save_state(accelerator, output_dir: Path, state: TrainerState, cfg, weighting) -> None:
+    directory = save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints)
+    weighting.save(directory) if accelerator.is_main_process else None
+
+
+def _best_value(metrics: dict, name: str) -> float:
+    """`summary`, or `task/metric`; lower-is-better metrics are negated so that larger is always better."""
+    if name == "summary":
+        return metrics["summary"]
+    task, _, metric = name.partition("/")
+    value = metrics.get(task, {}).get(metric)
+    if value is None:
+        raise InputError(f"--train.best_metric {name!r} not found; available: {sorted(_flat(metrics))}")
+    return -value if metric in ("mae", "rmse") else value
+
+
+def _one_line(metrics: dict) -> str:
+    parts = [f"summary {metrics['summary']:.3f}"]
+    for task, values in metrics.items():
+        if isinstance(values, dict):
+            shown = [f"{k} {v:.3f}" for k, v in values.items() if k != "count" and isinstance(v, float)][:3]
+            parts.append(f"{task}: {', '.join(shown)}")
+    return " | ".join(parts)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "/"))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+if __name__ == "__main__":
+    sys.exit(main())
