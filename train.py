@@ -26,6 +26,7 @@ from mmfusion.data import model_inputs
 from mmfusion.errors import InputError
 from mmfusion.evaluation import evaluate
 from mmfusion.losses import build_weighting
+from mmfusion.metrics import LOWER_IS_BETTER
 from mmfusion.model import FusionModel, atomic_directory, load_compatible, read_config
 from mmfusion.processing import FusionProcessor
 from mmfusion.training import (
@@ -242,7 +243,7 @@ def _best_value(metrics: dict, name: str) -> float:
     value = metrics.get(task, {}).get(metric)
     if value is None:
         raise InputError(f"--train.best_metric {name!r} not found; available: {sorted(_flat(metrics))}")
-    return -value if metric in ("mae", "rmse") else value
+    return -value if metric in LOWER_IS_BETTER else value
 
 
 def _one_line(metrics: dict) -> str:

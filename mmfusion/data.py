@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from .config import DataConfig, TaskSpec
 from .errors import BadInputError, DataError
-from .processing import FusionProcessor, open_image
+from .processing import FusionProcessor, as_number, open_image
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
@@ -106,15 +106,27 @@ def _load_path(path: Path, config: DataConfig) -> LoadedData:
             splits = {name: split.to_iterable_dataset() for name, split in splits.items()}
         return LoadedData(splits, dict.fromkeys(splits, Path(config.image_root or path)), str(path))
     files, roots = _split_files(path, fmt)
-    builder = (
-        "json"
-        if fmt in ("json", "imagefolder") and files and str(next(iter(files.values()))).endswith(("json", "jsonl"))
-        else TABLE_FORMATS.get(Path(next(iter(files.values()))).suffix, fmt)
-    )
-    try:
-        data = datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, streaming=streaming)
-    except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
-        raise DataError(f"{path}: could not be read as {builder}: {error}") from None
+    suffixes = {file.suffix for file in files.values()}
+    if len(suffixes) > 1:
+        raise DataError(f"{path}: splits are stored in different formats {sorted(suffixes)}; use one")
+    builder = TABLE_FORMATS[suffixes.pop()]
+    for name, file in files.items():
+        if file.stat().st_size == 0:
+            raise DataError(f"{path}: the {name} split is empty ({file} has no rows)")
+        if builder == "json":
+            _check_utf8_lines(file)
+    options = {"encoding_errors": "replace"} if builder == "csv" else {}  # bad bytes then fail per row, named
+    data = {}
+    for name, file in files.items():  # one by one: each split may infer its own column types
+        try:
+            data[name] = datasets.load_dataset(
+                builder, data_files={name: str(file)}, split=name, streaming=streaming, **options
+            )
+        except UnicodeDecodeError as error:
+            raise DataError(f"{file}: not valid UTF-8 ({error})") from None
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            cause = error.__cause__ or error.__context__ or error
+            raise DataError(f"{file}: could not be read as {builder}: {cause}") from None
     if config.image_root:
         roots = dict.fromkeys(roots, Path(config.image_root))
     image_column = "file_name" if fmt == "imagefolder" else None
@@ -124,6 +136,18 @@ def _load_path(path: Path, config: DataConfig) -> LoadedData:
             split = split.rename_column(image_column, config.image_column)
         splits[name] = split
     return LoadedData(splits, roots, str(path))
+
+
+def _check_utf8_lines(file: Path) -> None:
+    """JSON must be UTF-8 (pyarrow would otherwise fail later, deep inside, without a row number)."""
+    with file.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{file}, line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from None
 
 
 def _detect_format(path: Path) -> str:
@@ -157,6 +181,9 @@ def _split_files(path: Path, fmt: str) -> tuple[dict[str, Path], dict[str, Path]
                 files["train" if directory == path else directory.name] = metadata
     else:
         files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in TABLE_FORMATS}
+        unknown = sorted(set(files) - set(SPLITS) - set(SPLIT_ALIASES))
+        if unknown:
+            raise DataError(f"{path}: files {unknown} are not named after a split ({list(SPLITS)})")
     if not files:
         raise DataError(f"{path}: no metadata or data files found")
     return files, {name: file.parent for name, file in files.items()}
@@ -174,6 +201,8 @@ def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:
         loaded.splits["validation"] = train.filter(is_validation, with_indices=True)
         loaded.splits["train"] = train.filter(lambda row, index: not is_validation(row, index), with_indices=True)
     else:
+        if len(train) < 2:
+            raise DataError(f"{loaded.source}: {len(train)} training row(s) cannot be split into train and validation")
         parts = train.train_test_split(test_size=config.val_fraction, seed=config.split_seed, shuffle=True)
         loaded.splits["train"], loaded.splits["validation"] = parts["train"], parts["test"]
     loaded.roots["validation"] = loaded.roots["train"]
@@ -242,7 +271,7 @@ def fit_tasks(tasks: list[TaskSpec], train: Dataset | IterableDataset, config: D
             continue
         values = [v for v in columns[spec.column] if v is not None]
         if spec.type == "regression":
-            numbers = np.array([v for v in values if _is_number(v) and math.isfinite(v)], dtype=np.float64)
+            numbers = np.array([n for n in map(as_number, values) if n is not None and math.isfinite(n)])
             if len(numbers) == 0:
                 raise DataError(f"regression task {spec.name!r}: column {spec.column!r} has no numeric values in train")
             std = float(numbers.std()) or 1.0

@@ -90,6 +90,20 @@ def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     return to_rgb(image)
 
 
+def as_number(value: Any) -> float | None:
+    """A regression target as float: numbers, and strings that spell one (CSV columns arrive as text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def train_tokenizer(texts: Iterable[str], kind: str = "wordlevel", vocab_size: int = 8000) -> Tokenizer:
     """A lower-casing word-level or BPE tokenizer trained on `texts`; [PAD] is id 0 and [UNK] id 1."""
     if kind == "bpe":
@@ -184,11 +198,12 @@ class FusionProcessor:
         if spec.type == "regression":
             if value is None:
                 return torch.tensor(float("nan")), False
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = as_number(value)
+            if number is None:
                 raise BadInputError(f"{where}: expected a number for regression task {spec.name!r}, got {value!r}")
-            if not math.isfinite(value):
+            if not math.isfinite(number):
                 raise BadInputError(f"{where}: regression target for task {spec.name!r} is not finite ({value!r})")
-            return torch.tensor(float(value)), True
+            return torch.tensor(number), True
         if spec.type == "matching":
             if value is None:
                 return torch.tensor(1), True  # no column: every row is a true pair

@@ -54,3 +54,46 @@ def tiny_batch(batch_size=4, length=10, vocab_size=50, image_size=32, seed=0) ->
             "pair": torch.tensor([1, 1, 0, 1][:batch_size]),
         },
     }
+
+
+def write_image(path, color=(200, 30, 30), size=(16, 16), mode="RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).convert(mode).save(path)
+
+
+def make_rows(count: int, start: int = 0) -> list[dict]:
+    """Rows of a tiny dataset: colour in the image decides `label`, the caption's first word decides `mood`."""
+    colors = {"red": (220, 20, 20), "blue": (20, 20, 220)}
+    rows = []
+    for i in range(start, start + count):
+        color = "red" if i % 2 else "blue"
+        mood = ["happy", "sad", "calm"][i % 3]
+        rows.append({
+            "file_name": f"{i:03d}.png", "caption": f"{mood} picture number {i}", "label": color,
+            "score": float(i % 5) / 4, "tags": sorted({color, mood}), "_color": colors[color],
+        })  # fmt: skip
+    return rows
+
+
+def make_imagefolder(root, splits=None, metadata="jsonl") -> None:
+    """{split}/metadata.jsonl (or .csv) with images beside it."""
+    import csv
+    import json
+
+    splits = splits or {"train": make_rows(12), "validation": make_rows(6, 100)}
+    for split, rows in splits.items():
+        directory = root / split
+        directory.mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            if "_color" in row:
+                write_image(directory / row["file_name"], row["_color"])
+        public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+        if metadata == "jsonl":
+            (directory / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in public))
+        else:
+            with open(directory / "metadata.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=[k for k in public[0] if k != "tags"])
+                writer.writeheader()
+                writer.writerows({k: v for k, v in r.items() if k != "tags"} for r in public)
