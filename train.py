@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from mmfusion.config import Config, parse_args, save_yaml
@@ -62,9 +62,11 @@ def train(config: Config) -> int:
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
     )
     log = accelerator.print
     stop = StopSignal()
+    set_seed(cfg.seed)  # model initialisation and the data order
 
     # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
     processor = FusionProcessor.from_pretrained(cfg.init_from) if cfg.init_from else None
@@ -142,7 +144,7 @@ def train(config: Config) -> int:
 
     # ---- the loop
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
-    start_time, start_step, running = time.perf_counter(), state.step, {}
+    start_time, start_step, running, running_batches = time.perf_counter(), state.step, {}, 0
     epoch = state.epoch
     done = state.step >= total_steps
     while not done:
@@ -167,20 +169,21 @@ def train(config: Config) -> int:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # a no-op while accumulating
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for name, value in out.task_losses.items():
-                running[name] = running.get(name, 0.0) + value.detach()
-            running["loss"] = running.get("loss", 0.0) + loss.detach()
+            for name, value in [*out.task_losses.items(), ("loss", loss)]:
+                running[name] = running.get(name, 0) + value.detach().float()
+            running_batches += 1
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             state.skipped_steps += int(accelerator.optimizer_step_was_skipped)
             progress.update(1)
-            if state.step % 10 == 0 or state.step == total_steps:
-                count = cfg.grad_accumulation * 10 if state.step % 10 == 0 else cfg.grad_accumulation
-                logged = {k: float(v) / count for k, v in running.items()}
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                running = accelerator.reduce({k: v / running_batches for k, v in running.items()}, "mean")
+                logged = {k: float(v) for k, v in running.items()}
                 pairs = (state.step - start_step) * cfg.batch_size * cfg.grad_accumulation * accelerator.num_processes
                 speed = pairs / (time.perf_counter() - start_time)
                 lr = scheduler.get_last_lr()[-1]
@@ -188,7 +191,7 @@ def train(config: Config) -> int:
                 record({"step": state.step, "epoch": epoch, "split": "train", "losses": logged, "lr": lr,
                         "pairs_per_s": speed, "weights": weighting.last_weights()})  # fmt: skip
                 accelerator.log(_flat({"train": {**logged, "lr": lr, "pairs_per_s": speed}}), step=state.step)
-                running = {}
+                running, running_batches = {}, 0
             end_of_epoch = state.batches_in_epoch == len(train_loader)
             done = state.step >= total_steps
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or done:

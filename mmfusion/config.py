@@ -19,6 +19,13 @@ import tyro
 import yaml
 
 TaskType = Literal["classification", "multilabel", "regression", "matching"]
+# The registries' names (IMAGE_ENCODERS, TEXT_ENCODERS, FUSIONS, WEIGHTINGS), so --help lists them and typos stop early.
+ImageEncoderName = Literal[
+    "simple_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16"
+]
+TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
+FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
+WeightingName = Literal["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
 @dataclass
@@ -89,7 +96,7 @@ class TaskSpec:
 class FusionConfig:
     """Everything needed to build a `FusionModel` (and nothing about data or training)."""
 
-    image_encoder: str = "simple_cnn"
+    image_encoder: ImageEncoderName = "simple_cnn"
     """simple_cnn, or a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, convnext_tiny, vit_b_16."""
     image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     """simple_cnn: channels of each conv stage (the number of entries is the depth)."""
@@ -99,7 +106,7 @@ class FusionConfig:
     """Input image side in pixels (vit_b_16 needs it; the processor resizes to it)."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
-    text_encoder: str = "lstm"
+    text_encoder: TextEncoderName = "lstm"
     """lstm, gru, transformer (from scratch) or hf (a Hugging Face transformers encoder)."""
     text_model: str | None = None
     """hf: local path or Hub id of the transformers model."""
@@ -119,7 +126,7 @@ class FusionConfig:
     """transformer: longest text (number of position embeddings)."""
     freeze_text: bool = False
     """Keep the text encoder's weights fixed."""
-    fusion: str = "concat"
+    fusion: FusionName = "concat"
     """concat, gated, cross_attention, film, bilinear or late."""
     dim: int = 128
     """Width of the fused representation."""
@@ -217,12 +224,14 @@ class TrainConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping)."""
-    loss_weighting: str = "sum"
+    loss_weighting: WeightingName = "sum"
     """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
     modality_dropout: float = 0.0
     """Probability of dropping the image or the text of a training sample."""
     seed: int = 0
     """Seed of everything random."""
+    log_every: int = 10
+    """Log the training losses, learning rate and speed every N steps."""
     eval_every: int = 0
     """Evaluate every N steps (0: each epoch)."""
     save_every: int = 0
@@ -334,11 +343,38 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
         except (OSError, ValueError) as error:
             raise SystemExit(f"{prog}: error: {error}") from None
         base.config = path
-    config = tyro.cli(Config, default=base, args=argv, prog=prog, use_underscores=True)
+    config = tyro.cli(
+        Config,
+        default=base,
+        args=_normalise_booleans(argv),
+        prog=prog,
+        use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
     problems = check_values(config)
     if problems:
         raise SystemExit(f"{prog}: error: " + "; ".join(problems))
     return config
+
+
+BOOLEAN_WORDS = {"true": "True", "yes": "True", "1": "True", "false": "False", "no": "False", "0": "False"}
+
+
+def _boolean_options(cls: type = Config, prefix: str = "--") -> set[str]:
+    options = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if hint is bool:
+            options.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hint):
+            options |= _boolean_options(hint, f"{prefix}{f.name}.")
+    return options
+
+
+def _normalise_booleans(argv: list[str]) -> list[str]:
+    """Accept `--data.augment false` (any case, yes/no, 1/0) as well as tyro's `False`."""
+    booleans = _boolean_options()
+    return [BOOLEAN_WORDS.get(arg.lower(), arg) if i and argv[i - 1] in booleans else arg for i, arg in enumerate(argv)]
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -364,6 +400,7 @@ def check_values(config: Config) -> list[str]:
         (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),
         (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
         (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
+        (train.log_every >= 1, f"--train.log_every must be >= 1, got {train.log_every}"),
         (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
         (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
         (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),

@@ -33,8 +33,11 @@ class RNNEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         mask = attention_mask.bool()
         lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = pack_padded_sequence(self.embedding(input_ids), lengths, batch_first=True, enforce_sorted=False)
-        outputs, hidden = self.rnn(packed)
+        embedded = self.embedding(input_ids)
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        # oneDNN's bf16 LSTM fails on CPU for some batches (all lengths equal): CPU RNNs run in float32.
+        with torch.autocast("cpu", enabled=False):
+            outputs, hidden = self.rnn(packed)
         tokens, _ = pad_packed_sequence(outputs, batch_first=True, total_length=input_ids.shape[1])
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # LSTM returns (h, c)
         directions = 2 if self.rnn.bidirectional else 1

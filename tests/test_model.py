@@ -165,3 +165,15 @@ def test_issue_example_works_as_written(tmp_path):
     model.eval(), same.eval()
     torch.testing.assert_close(same(images, ids, mask).logits["topic"], model(images, ids, mask).logits["topic"])
     assert "gate" in model(images, ids, mask).extras and model(images, ids, mask).extras["gate"].shape == (2, 128)
+
+
+def test_config_choices_match_the_registries():
+    import typing
+
+    from mmfusion.config import FusionName, ImageEncoderName, TextEncoderName
+    from mmfusion.image_encoders import IMAGE_ENCODERS
+    from mmfusion.text_encoders import TEXT_ENCODERS
+
+    assert set(typing.get_args(FusionName)) == set(FUSIONS)
+    assert set(typing.get_args(ImageEncoderName)) == set(IMAGE_ENCODERS)
+    assert set(typing.get_args(TextEncoderName)) == set(TEXT_ENCODERS)

@@ -1,0 +1,172 @@
+"""train.py end to end: tiny runs of seconds each, resume exactness, two processes, bf16, options and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_imagefolder, make_rows
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32",
+        "--train.batch_size", "8", "--train.eval_batch_size", "5", "--train.report", "false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_imagefolder(root, {"train": make_rows(40), "validation": make_rows(13, 100), "test": make_rows(7, 200)})
+    return root
+
+
+def _run(args: list[str]) -> int:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return train.main(args)
+
+
+def _records(run: Path, split: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_default_recipe_on_the_bundled_data_for_a_few_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    assert _run(["--train.output_dir", str(out), "--train.max_steps", "3", "--train.report", "false"]) == 0
+    printed = capsys.readouterr().out
+    assert "column 'match' (bool) -> classification task" in printed and "3,000 train / 500 validation" in printed
+    assert "evaluate with: mmfusion evaluate" in printed
+    for name in ("best", "final"):
+        assert {p.name for p in (out / name).iterdir()} >= {"config.json", "model.safetensors", "processor.json",
+                                                            "tokenizer.json"}  # fmt: skip
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert {t["name"] for t in config["tasks"]} == {"area", "background", "colors", "match", "tone"}
+    validation = _records(out, "validation")
+    assert validation[-1]["step"] == 3 and set(validation[-1]) >= {"epoch", "summary", "match", "area"}
+    assert _records(out, "test")[0]["checkpoint"] == "best"
+    assert (out / "config.yaml").is_file() and (out / "test_metrics.json").is_file()
+
+
+def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "8", "--train.save_every", "3",
+            "--train.keep_checkpoints", "5", "--train.eval_every", "4", "--train.log_every", "1", "--train.modality_dropout", "0.3",
+            "--data.missing_modality", "placeholder", "--model.dropout", "0.2"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert _run([*args, "--train.output_dir", str(straight)]) == 0
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+    # An interrupted run: what was on disk after step 3 (5 batches per epoch, so mid-epoch).
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    assert _run([*args, "--train.output_dir", str(resumed), "--train.resume", "latest"]) == 0
+
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    after = [(r["step"], r["losses"]) for r in _records(straight, "train") if r["step"] > 3]
+    assert after == [(r["step"], r["losses"]) for r in _records(resumed, "train")]
+
+
+def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "4", "--train.grad_accumulation", "2",
+            "--train.scheduler", "linear", "--train.warmup_ratio", "0.25", "--train.output_dir", str(out)]  # fmt: skip
+    assert _run(args) == 0
+    steps = [r["step"] for r in _records(out, "train")]
+    assert steps == [4]  # logged at the last step; 4 optimizer steps from 8 batches
+    assert _records(out, "train")[-1]["lr"] == 0.0  # linear decay ends at zero
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model.fusoin", "gated"], "Perhaps you meant"),
+        (["--train.lr", "fast"], "--train.lr"),
+        (["--train.batch_size", "0"], "--train.batch_size must be > 0, got 0"),
+        (["--train.lr", "-1"], "--train.lr must be > 0"),
+        (["--model.fusion", "nope"], "invalid choice 'nope' for argument '--model.fusion'"),
+    ],
+)
+def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        code = _run(["--data.path", str(tiny_data), *TINY, "--train.output_dir", str(tmp_path), *args])
+        raise SystemExit(code)
+    captured = capsys.readouterr()
+    assert exit_info.value.code not in (0, None) and message in captured.err + captured.out + str(exit_info.value.code)
+
+
+def test_yaml_config_with_overrides_and_unknown_key(tiny_data, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"data:\n  path: {tiny_data}\nmodel:\n  fusion: gated\n  dim: 32\ntrain:\n  max_steps: 2\n")
+    out = tmp_path / "run"
+    assert _run(["--config", str(good), "--model.fusion", "film", *TINY, "--train.output_dir", str(out)]) == 0
+    resolved = (out / "config.yaml").read_text()
+    assert "fusion: film" in resolved and "max_steps: 2" in resolved
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  fusoin: gated\n")
+    with pytest.raises(SystemExit, match="unknown key 'fusoin'; did you mean 'fusion'"):
+        _run(["--config", str(bad)])
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(SystemExit, match="train: lr: expected float, got 'fast'"):
+        _run(["--config", str(bad)])
+
+
+def test_output_dir_that_is_a_file(tiny_data, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert _run(["--data.path", str(tiny_data), *TINY, "--train.output_dir", str(target)]) == 2
+    assert "--train.output_dir" in capsys.readouterr().err
+
+
+def _launch(args: list[str], tmp_path: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_bf16_on_cpu(tiny_data, tmp_path):
+    out = tmp_path / "bf16"
+    result = _launch(["--data.path", str(tiny_data), *TINY, "--train.max_steps", "3", "--train.output_dir", str(out)],
+                     tmp_path, ["accelerate", "launch", "--cpu", "--mixed_precision", "bf16", "--num_processes", "1"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = _records(out, "train")[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["losses"].values())
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    common = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "6", "--model.dropout", "0",
+              "--data.augment", "false", "--train.eval_every", "6"]  # fmt: skip
+    one = tmp_path / "one"
+    single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = tmp_path / "two"
+    env_launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        double = _launch([*common, "--train.batch_size", "4", "--train.output_dir", str(two)], tmp_path, env_launcher)
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = _records(one, "validation")[-1], _records(two, "validation")[-1]
+    for task in ("label", "score", "tags"):
+        assert a[task]["count"] == b[task]["count"]  # every validation row counted once, none dropped or repeated
+    assert a["label"]["count"] == 13
+    assert abs(a["summary"] - b["summary"]) < 0.05
+    assert abs(a["score"]["mae"] - b["score"]["mae"]) < 0.05
