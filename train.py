@@ -32,14 +32,18 @@ from mmfusion.processing import FusionProcessor
 from mmfusion.training import (
     StopSignal,
     TrainerState,
+    average_gradients,
     build_optimizer,
     build_scheduler,
+    ddp_sync_disabled,
     load_training_state,
     make_loader,
     prepare_data,
     resolve_resume,
     save_training_state,
     seed_step,
+    set_cpu_threads,
+    weighted_backward,
 )
 
 
@@ -67,6 +71,7 @@ def train(config: Config) -> int:
     log = accelerator.print
     stop = StopSignal()
     set_seed(cfg.seed)  # model initialisation and the data order
+    set_cpu_threads(accelerator, cfg.cpu_threads)
 
     # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
     processor = FusionProcessor.from_pretrained(cfg.init_from) if cfg.init_from else None
@@ -87,7 +92,7 @@ def train(config: Config) -> int:
     model = FusionModel(config.model)
     if cfg.init_from:
         log(load_compatible(model, Path(cfg.init_from)))
-    weighting = build_weighting(cfg.loss_weighting, data.tasks)
+    weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accumulation)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -156,9 +161,10 @@ def train(config: Config) -> int:
         for batch in batches:
             seed_step(cfg.seed, epoch, state.batches_in_epoch, accelerator.process_index)
             state.batches_in_epoch += 1
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), ddp_sync_disabled(accelerator, model, weighting):
                 out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
-                loss = weighting(out.task_losses, state.step)
+                present = torch.stack([batch["label_mask"][name].any() for name in weighting.names])
+                loss = weighted_backward(accelerator, model, weighting, out, present, state.step)
                 if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":
                     rows = batch["row"].tolist()
                     raise FloatingPointError(
@@ -166,9 +172,10 @@ def train(config: Config) -> int:
                         f"task losses: { {k: float(v) for k, v in out.task_losses.items()} }. "
                         f"The last good checkpoint is in {output_dir / 'checkpoints'}"
                     )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if accelerator.sync_gradients:
+                    average_gradients(accelerator, model, weighting)
+                    if cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()  # a no-op while accumulating
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -197,6 +204,7 @@ def train(config: Config) -> int:
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or done:
                 run_evaluation(epoch)
             if end_of_epoch:
+                weighting.end_epoch(accelerator)
                 epoch, state.epoch, state.batches_in_epoch = epoch + 1, epoch + 1, 0
             if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
                 _save_state(accelerator, output_dir, state, cfg, weighting)

@@ -3,9 +3,12 @@
 __version__ = "0.1.0"
 
 from .config import Config, DataConfig, FusionConfig, TaskSpec, TrainConfig  # noqa: E402
+from .data import load_dataset  # noqa: E402
 from .fusions import FusedOutput  # noqa: E402
 from .layers import EncoderOutput  # noqa: E402
 from .model import FusionModel, FusionOutput  # noqa: E402
+from .predictor import Predictor  # noqa: E402
+from .processing import FusionProcessor  # noqa: E402
 
 __all__ = [
     "Config",
@@ -15,6 +18,9 @@ __all__ = [
     "FusionConfig",
     "FusionModel",
     "FusionOutput",
+    "FusionProcessor",
+    "Predictor",
     "TaskSpec",
     "TrainConfig",
+    "load_dataset",
 ]

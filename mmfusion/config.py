@@ -244,6 +244,9 @@ class TrainConfig:
     """Continue from a training state: latest, or a checkpoints/step_N directory."""
     init_from: str | None = None
     """Start from a pretrained fusion checkpoint (compatible parts are loaded)."""
+    cpu_threads: int = 0
+    """Torch threads per process on CPU (0: the physical cores shared among the local processes; accelerate launch
+    would otherwise leave one)."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """Experiment tracker."""
     report: bool = True

@@ -71,8 +71,11 @@ class SkipReport:
 # ----- loading -----
 
 
-def load_dataset(source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig) -> LoadedData:
-    """Read the splits of `source`; without a validation split, hold out `val_fraction` of train (seeded)."""
+def load_dataset(
+    source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig, for_training: bool = True
+) -> LoadedData:
+    """Read the splits of `source`. For training there must be a train split, and without a validation split
+    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are."""
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
         root = Path(config.image_root or ".")
@@ -81,9 +84,9 @@ def load_dataset(source: str | os.PathLike | Dataset | DatasetDict, config: Data
         loaded = _load_path(Path(source), config)
     loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}
     loaded.roots = {SPLIT_ALIASES.get(name, name): root for name, root in loaded.roots.items()}
-    if "train" not in loaded.splits:
+    if for_training and "train" not in loaded.splits:
         raise DataError(f"{loaded.source}: no train split; found splits {sorted(loaded.splits)}")
-    if "validation" not in loaded.splits:
+    if for_training and "validation" not in loaded.splits:
         _hold_out_validation(loaded, config)
     for name, split in loaded.splits.items():
         loaded.splits[name] = _without_image_decoding(split, config.image_column)
@@ -384,29 +387,36 @@ class RowReader:
             raise BadInputError(f"{where}: text contains undecodable bytes (U+FFFD replacement characters)")
         return value
 
-    def read(self, row: dict, index: int, epoch: int = 0, augment: bool = False, seed: int = 0,
-             modality_dropout: float = 0.0) -> dict:  # fmt: skip
-        """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
+    def parse(self, row: dict, index: int, decode_image: bool = True) -> tuple[Any, str | None, dict, dict]:
+        """(image, text, labels, label masks) of one row, or BadInputError naming split, row and field.
+        Without `decode_image` the image is only checked to be present (it is then returned as given)."""
         where = f"{self.split} split, row {index}"
         image_value = row.get(self.config.image_column)
-        image = self.load_image(image_value, f"{where}, field {self.config.image_column!r}" + _file_hint(image_value))
+        image_where = f"{where}, field {self.config.image_column!r}" + _file_hint(image_value)
+        image = self.load_image(image_value, image_where) if decode_image else image_value
         text = self.text(row.get(self.config.text_column), f"{where}, field {self.config.text_column!r}")
         if (image is None or text is None) and not self.allow_missing_modality:
             missing = self.config.image_column if image is None else self.config.text_column
             raise BadInputError(f"{where}: field {missing!r} is missing (set data.missing_modality: placeholder)")
         if image is None and text is None:
             raise BadInputError(f"{where}: both the image and the text are missing")
-        image_present, text_present = image is not None, text is not None
-        if modality_dropout > 0 and image_present and text_present:
-            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
-            if draw[0] < modality_dropout:
-                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
         labels, masks = {}, {}
         for spec in self.tasks:
             value = row.get(spec.column) if spec.column in row else None
             labels[spec.name], masks[spec.name] = self.processor.encode_label(
                 spec, value, f"{where}, field {spec.column!r}"
             )
+        return image, text, labels, masks
+
+    def read(self, row: dict, index: int, epoch: int = 0, augment: bool = False, seed: int = 0,
+             modality_dropout: float = 0.0) -> dict:  # fmt: skip
+        """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
+        image, text, labels, masks = self.parse(row, index)
+        image_present, text_present = image is not None, text is not None
+        if modality_dropout > 0 and image_present and text_present:
+            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
+            if draw[0] < modality_dropout:
+                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
         key = (seed, epoch, index) if augment else None
         return {
             "row": index,
@@ -454,10 +464,9 @@ def check_split(
     truncated_before = reader.processor.truncated
     for index, row in enumerate(split):
         try:
-            if verify_images:
-                reader.read(row, index)
-            else:
-                reader.text(row.get(reader.config.text_column), f"{name} split, row {index}")
+            _, text, _, _ = reader.parse(row, index, decode_image=verify_images)
+            if text is not None:
+                reader.processor.encode_text(text)  # counts truncations
         except BadInputError as error:
             if on_error == "raise":
                 raise

@@ -20,11 +20,19 @@ def metric_inputs(spec: TaskSpec, output: FusionOutput) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, tasks: list[TaskSpec], remove: str | None = None) -> dict:
-    """Metrics of every task over `loader`; `remove="image"|"text"` evaluates with that modality absent."""
+def evaluate(
+    model,
+    loader,
+    accelerator,
+    tasks: list[TaskSpec],
+    remove: str | None = None,
+    metrics: MultiTaskMetrics | None = None,
+) -> dict:
+    """Metrics of every task over `loader`; `remove="image"|"text"` evaluates with that modality absent.
+    Pass `metrics` to read more from it afterwards (confusion matrices)."""
     was_training = model.training
     model.eval()
-    metrics = MultiTaskMetrics(tasks)
+    metrics = metrics or MultiTaskMetrics(tasks)
     for batch in loader:
         inputs = model_inputs(batch)
         if remove is not None:

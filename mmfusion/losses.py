@@ -79,33 +79,39 @@ def task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, mask: 
 
 
 class LossWeighting(nn.Module):
-    """Combines the per-task losses into the one loss that is back-propagated.
+    """`sum`: each task's loss times its TaskSpec weight. Subclasses learn or adapt the weights.
 
-    `sum` uses each TaskSpec's static weight; subclasses learn or adapt the weights. A task absent from
-    `losses` (no labels anywhere in the batch) simply drops out. State is saved as safetensors in a checkpoint.
+    `forward(task_losses, present, step)` returns the loss to back-propagate. A task that is not `present` (no
+    labels in the batch) drops out of the combination. `weights` keeps the last effective weight of each task,
+    for logging. State (buffers, parameters) is saved as safetensors beside a training checkpoint.
     """
 
     FILE = "loss_weighting.safetensors"
+    needs_gradients = False  # gradient-based weightings look at per-task gradients before the backward
 
-    def __init__(self, tasks: list[TaskSpec]) -> None:
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
         super().__init__()
         self.names = [t.name for t in tasks]
+        self.seed = seed
         self.register_buffer("static", torch.tensor([t.weight for t in tasks], dtype=torch.float32))
-        self.register_buffer("weights", self.static.clone())  # last effective weights, for logging
+        self.register_buffer("weights", self.static.clone())
 
     def task_weights(self, losses: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
         return self.static
 
-    def forward(self, task_losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        present = torch.tensor([n in task_losses for n in self.names], device=self.static.device)
-        losses = torch.stack([task_losses[n].float() if n in task_losses else self.static.new_zeros(())
-                              for n in self.names])  # fmt: skip
-        weights = self.task_weights(losses, present, step) * present
-        self.weights = weights.detach()
-        return (weights * losses).sum() + self.regulariser(present)
-
     def regulariser(self, present: torch.Tensor) -> torch.Tensor | float:
         return 0.0
+
+    def forward(self, task_losses: dict[str, torch.Tensor], present: torch.Tensor, step: int) -> torch.Tensor:
+        losses = torch.stack([task_losses[name].float() for name in self.names])
+        weights = torch.where(present, self.task_weights(losses, present, step), torch.zeros_like(losses))
+        self.weights = weights.detach()
+        # An absent task's loss is an exact zero still tied to its head: weight 0 keeps every parameter in the
+        # graph, which DDP requires of all processes.
+        return (weights * losses).sum() + self.regulariser(present)
+
+    def end_epoch(self, accelerator) -> None:
+        """Called once per epoch on every process."""
 
     def last_weights(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights.tolist()))
@@ -119,10 +125,209 @@ class LossWeighting(nn.Module):
             self.load_state_dict(load_file(path, device=str(self.static.device)))
 
 
-WEIGHTINGS = {"sum": LossWeighting}
+class UncertaintyWeighting(LossWeighting):
+    """Learned homoscedastic uncertainty (Kendall et al. 2018): sum of exp(-s_t) L_t + s_t, s_t = log sigma_t^2.
+    At the optimum exp(-s_t) = 1 / L_t, so a noisier task gets a smaller weight."""
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks, seed)
+        self.log_variance = nn.Parameter(torch.zeros(len(tasks)))
+
+    def task_weights(self, losses, present, step):
+        return self.static * torch.exp(-self.log_variance)
+
+    def regulariser(self, present):
+        return (self.log_variance * present).sum()
 
 
-def build_weighting(name: str, tasks: list[TaskSpec]) -> LossWeighting:
+class DynamicWeightAverage(LossWeighting):
+    """DWA (Liu et al. 2019): w_t = T softmax(r_t / temperature), r_t = L_t(e-1) / L_t(e-2) of epoch-mean losses."""
+
+    temperature = 2.0
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks, seed)
+        count = len(tasks)
+        self.register_buffer("epoch_sum", torch.zeros(count))
+        self.register_buffer("epoch_count", torch.zeros(count))
+        self.register_buffer("history", torch.zeros(2, count))  # epoch-mean losses of the last two epochs
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+
+    def task_weights(self, losses, present, step):
+        self.epoch_sum += losses.detach() * present
+        self.epoch_count += present
+        if self.epochs_seen < 2:
+            return self.static
+        ratio = self.history[1] / self.history[0].clamp(min=1e-8)
+        return self.static * len(self.names) * torch.softmax(ratio / self.temperature, dim=0)
+
+    def end_epoch(self, accelerator) -> None:
+        total = torch.stack([self.epoch_sum, self.epoch_count])
+        total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
+        mean = total[0] / total[1].clamp(min=1)
+        self.history = torch.stack([self.history[1], torch.where(total[1] > 0, mean, self.history[1])])
+        self.epochs_seen += 1
+        self.epoch_sum.zero_()
+        self.epoch_count.zero_()
+
+
+class RandomLossWeighting(LossWeighting):
+    """RLW (Lin et al. 2022): weights drawn each step from softmax of a standard normal, seeded by (seed, step)."""
+
+    def task_weights(self, losses, present, step):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        draw = torch.randn(len(self.names), generator=generator).to(losses.device)
+        return self.static * len(self.names) * torch.softmax(draw.masked_fill(~present, float("-inf")), dim=0)
+
+
+class GeometricLossStrategy(LossWeighting):
+    """GLS (Chennupati et al. 2019): the geometric mean of the task losses, (prod L_t)^(1/T) over present tasks.
+    Its effective weight on task t is the gradient of that mean: total / (T L_t)."""
+
+    def forward(self, task_losses, present, step):
+        losses = torch.stack([task_losses[name].float() for name in self.names]).clamp(min=1e-8)
+        count = present.sum().clamp(min=1)
+        total = torch.exp((torch.log(losses) * present).sum() / count)
+        self.weights = torch.where(present, total.detach() / (count * losses.detach()), torch.zeros_like(losses))
+        return total if bool(present.any()) else (losses * 0).sum()
+
+
+class GradientWeighting(LossWeighting):
+    """Weights from the per-task gradients (PCGrad, MGDA, CAGrad via torchjd's weightings; GradNorm).
+
+    `observe` computes each present task's gradient on the shared parameters (or the shared representation),
+    averages it across processes, and derives the weights from the Gramian of those gradients; the usual
+    backward of the weighted loss then applies the combination, identically on every process. Tasks with no
+    labels in the batch (zero gradient) are left out, so no division by a zero norm can happen.
+    """
+
+    needs_gradients = True
+    space = "parameters"  # or "representation": gradients with respect to the fused features
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks, seed)
+        self.register_buffer("current", self.static.clone())
+
+    def gramian_weights(self, gramian: torch.Tensor, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Weights of the tasks `index` (those with a gradient) from their Gramian and losses."""
+        raise NotImplementedError
+
+    def observe(self, task_losses: dict, present: torch.Tensor, shared: list[torch.Tensor], accelerator) -> None:
+        """Set this step's weights from the gradients of each task's loss with respect to `shared`."""
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0  # fp16: unscale after
+        rows = []
+        for name, is_present in zip(self.names, present.tolist()):
+            if not is_present:
+                rows.append(torch.zeros(sum(t.numel() for t in shared), device=present.device))
+                continue
+            grads = torch.autograd.grad(task_losses[name] * scale, shared, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).flatten().float() / scale
+                                   for g, t in zip(grads, shared)]))  # fmt: skip
+        jacobian = torch.stack(rows)
+        multi = accelerator.num_processes > 1
+        if self.space == "parameters":  # the same parameters everywhere: average the gradients, then the Gramian
+            jacobian = accelerator.reduce(jacobian, "mean") if multi else jacobian
+            gramian = jacobian @ jacobian.T
+        else:  # different samples per process: their Gramians add up
+            gramian = jacobian @ jacobian.T
+            gramian = accelerator.reduce(gramian, "sum") if multi else gramian
+        if not torch.isfinite(gramian).all():
+            return  # an fp16 overflow: keep the last weights; the loss scaler skips this step
+        active = gramian.diagonal() > 0
+        weights = torch.zeros_like(self.current)
+        if active.any():
+            losses = torch.stack([task_losses[n].detach().float() for n in self.names])
+            losses = accelerator.reduce(losses, "mean") if multi else losses
+            index = active.nonzero().flatten()
+            weights[index] = self.gramian_weights(gramian[index][:, index], losses[index], index).to(weights)
+        self.current = weights
+
+    def task_weights(self, losses, present, step):
+        return self.static * self.current
+
+
+class TorchJDWeighting(GradientWeighting):
+    """A torchjd Gramian weighting (its combination of the task gradients, as weights on the task losses)."""
+
+    def make(self):
+        raise NotImplementedError
+
+    def gramian_weights(self, gramian, losses, index):
+        return self.make()(gramian.double()).float()
+
+
+class PCGradWeighting(TorchJDWeighting):
+    """PCGrad (Yu et al. 2020): each task gradient projected off the others it conflicts with, on the shared
+    parameters."""
+
+    def make(self):
+        from torchjd.aggregation import PCGradWeighting as Weighting
+
+        return Weighting()
+
+
+class CAGradWeighting(TorchJDWeighting):
+    """CAGrad (Liu et al. 2021), c = 0.4, on the shared parameters."""
+
+    def make(self):
+        from torchjd.aggregation import CAGradWeighting as Weighting
+
+        return Weighting(c=0.4)
+
+
+class MGDAWeighting(TorchJDWeighting):
+    """MGDA-UB (Sener and Koltun 2018): the min-norm combination of the gradients on the shared representation,
+    scaled so the weights sum to the number of tasks."""
+
+    space = "representation"
+
+    def gramian_weights(self, gramian, losses, index):
+        from torchjd.aggregation import MGDAWeighting as Weighting
+
+        return Weighting()(gramian.double()).float() * len(gramian)
+
+
+class GradNormWeighting(GradientWeighting):
+    """GradNorm (Chen et al. 2018), alpha = 1.5, on the shared representation: weights move so that each task's
+    weighted gradient norm approaches the mean norm times its relative inverse training rate."""
+
+    space = "representation"
+    alpha, learning_rate = 1.5, 0.025
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks, seed)
+        self.register_buffer("learned", torch.ones(len(tasks)))
+        self.register_buffer("initial_loss", torch.zeros(len(tasks)))
+
+    def gramian_weights(self, gramian, losses, index):
+        norms = gramian.diagonal().sqrt()
+        start = self.initial_loss[index]
+        start = torch.where(start > 0, start, losses)  # a task's first loss is its reference
+        self.initial_loss[index] = start
+        rates = losses / start.clamp(min=1e-12)
+        learned = self.learned[index]
+        weighted = learned * norms
+        target = weighted.mean() * (rates / rates.mean()) ** self.alpha
+        learned = (learned - self.learning_rate * torch.sign(weighted - target)).clamp(min=1e-3)
+        learned = learned * len(learned) / learned.sum()
+        self.learned[index] = learned
+        return learned
+
+
+WEIGHTINGS = {
+    "sum": LossWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "rlw": RandomLossWeighting,
+    "gls": GeometricLossStrategy,
+    "pcgrad": PCGradWeighting,
+    "mgda": MGDAWeighting,
+    "cagrad": CAGradWeighting,
+    "gradnorm": GradNormWeighting,
+}
+
+
+def build_weighting(name: str, tasks: list[TaskSpec], seed: int = 0) -> LossWeighting:
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name](tasks)
+    return WEIGHTINGS[name](tasks, seed)

@@ -92,9 +92,10 @@ class FusionModel(nn.Module):
         return self
 
     def _fill_absent(self, name: str, encoded: EncoderOutput, present: torch.Tensor | None) -> EncoderOutput:
-        """Rows where the modality is absent get the learned placeholder as their one and only token."""
+        """Rows where the modality is absent get the learned placeholder as their one and only token.
+        (Always applied, even when all are present, so the placeholders take part in every graph as DDP expects.)"""
         if present is None:
-            return encoded
+            present = torch.ones(encoded.pooled.shape[0], dtype=torch.bool, device=encoded.pooled.device)
         placeholder = self.placeholders[name].to(encoded.pooled.dtype)
         keep = present.view(-1, 1)
         pooled = torch.where(keep, encoded.pooled, placeholder)
@@ -189,8 +190,11 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> FusionModel:
-        """Rebuild the model from `config.json` and load `model.safetensors` exactly (strict, shapes checked)."""
-        directory = Path(directory)
+        """Rebuild the model from `config.json` and load `model.safetensors` exactly (strict, shapes checked).
+        `directory` may also be a Hugging Face Hub model id (read from the Hub cache when offline)."""
+        from .hub import resolve_checkpoint
+
+        directory = resolve_checkpoint(str(directory))
         model = cls(read_config(directory))
         state = read_weights(directory)
         problems = state_dict_mismatch(model.state_dict(), state)

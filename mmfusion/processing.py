@@ -238,7 +238,10 @@ class FusionProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> FusionProcessor:
-        directory = Path(directory)
+        """Load processor.json and tokenizer.json from a checkpoint directory or Hugging Face Hub model id."""
+        from .hub import resolve_checkpoint
+
+        directory = resolve_checkpoint(str(directory))
         for name in (PROCESSOR_NAME, TOKENIZER_NAME):
             if not (directory / name).is_file():
                 raise CheckpointError(f"processor file missing: {directory / name}")

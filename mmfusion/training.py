@@ -6,6 +6,7 @@ each is written to a hidden temporary directory first and renamed, so `latest` n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -158,10 +159,61 @@ def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def set_cpu_threads(accelerator, requested: int) -> None:
+    """On CPU, use the physical cores (split among local processes) unless a thread count is requested."""
+    if accelerator.device.type != "cpu":
+        return
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(requested or max(1, cores // accelerator.num_processes))
+
+
 def seed_step(seed: int, epoch: int, batch: int, process: int) -> None:
     """Re-seed torch from (seed, epoch, batch, process) before each batch: dropout and random loss weights then
     depend on nothing else, so a resumed run draws exactly what an uninterrupted one drew."""
     torch.manual_seed(((seed * 10_007 + epoch) * 10_000_019 + batch) * 256 + process)
+
+
+def shared_tensors(model, output, weighting) -> list[torch.Tensor]:
+    """What gradient-based weightings differentiate: the trainable parameters outside the task heads, or the
+    shared representation every head reads (the fused features and each encoder's pooled vector)."""
+    if weighting.space == "representation":
+        return [output.fused, *output.extras["pooled"].values()]
+    return [p for name, p in model.named_parameters() if p.requires_grad and ".heads." not in f".{name}"
+            and "aux_heads." not in name]  # fmt: skip
+
+
+def ddp_sync_disabled(accelerator, model, weighting):
+    """Gradient-based weightings differentiate each task before the real backward, which DDP's reducer does not
+    allow; with several processes they run outside DDP's sync and `average_gradients` does its job instead."""
+    if weighting.needs_gradients and accelerator.num_processes > 1:
+        return accelerator.no_sync(model)
+    return contextlib.nullcontext()
+
+
+def weighted_backward(accelerator, model, weighting, output, present: torch.Tensor, step: int) -> torch.Tensor:
+    """Combine the task losses with `weighting` (after it has seen the task gradients, if it needs them), then
+    back-propagate the combination. Returns the combined loss."""
+    if weighting.needs_gradients:
+        weighting.observe(output.task_losses, present, shared_tensors(model, output, weighting), accelerator)
+    loss = weighting(output.task_losses, present, step)
+    accelerator.backward(loss)
+    return loss
+
+
+def average_gradients(accelerator, model, weighting) -> None:
+    """At an optimizer step: average what DDP did not (all gradients when its sync was off, and the weighting's
+    own parameters, which live outside DDP) so every process applies the same update."""
+    parameters = list(weighting.parameters())
+    if weighting.needs_gradients:
+        parameters += list(model.parameters())
+    parameters = [p for p in parameters if p.grad is not None]
+    if accelerator.num_processes == 1 or not parameters:
+        return
+    flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), "mean")
+    for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+        parameter.grad.copy_(grad.view_as(parameter.grad))
 
 
 # ----- training state -----

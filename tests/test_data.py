@@ -155,7 +155,9 @@ def test_column_mapping_and_missing_columns(tmp_path):
     spec = TaskSpec("colour", column="label")
     fitted = fit_tasks([spec], loaded.splits["train"], config)
     assert fitted[0].name == "colour" and fitted[0].labels == ["blue", "red"]
-    with pytest.raises(DataError, match=r"data.text_column 'text' not found; the data has columns \['image', 'caption'"):
+    with pytest.raises(
+        DataError, match=r"data.text_column 'text' not found; the data has columns \['image', 'caption'"
+    ):
         check_columns(loaded.splits["train"], "train", fitted, _config(tmp_path, text_column="text"))
     with pytest.raises(DataError, match="column 'nope' not found; the data has columns"):
         fit_tasks([TaskSpec("x", column="nope")], loaded.splits["train"], config)

@@ -170,3 +170,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_data, t
     assert a["label"]["count"] == 13
     assert abs(a["summary"] - b["summary"]) < 0.05
     assert abs(a["score"]["mae"] - b["score"]["mae"]) < 0.05
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"])
+def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, weighting):
+    out = tmp_path / "run"
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "12", "--train.log_every", "6",
+            "--train.loss_weighting", weighting, "--train.output_dir", str(out)]  # fmt: skip
+    assert _run(args) == 0
+    logged = _records(out, "train")
+    assert [r["step"] for r in logged] == [6, 12]
+    for record in logged:
+        assert set(record["weights"]) == {"label", "score", "tags"}
+        assert all(w >= 0 and w == w for w in record["weights"].values())  # finite, no NaN
+        assert all(v == v for v in record["losses"].values())

@@ -1,0 +1,152 @@
+"""Loss weighting strategies on toy problems with known answers, absent tasks, and train.py integration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmfusion import TaskSpec
+from mmfusion.losses import WEIGHTINGS, build_weighting
+
+TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
+ONE_PROCESS = SimpleNamespace(num_processes=1, scaler=None, reduce=lambda x, op: x)
+BOTH = torch.tensor([True, True])
+
+
+def _conflicting_linear_tasks():
+    """Shared parameter w in R^2; L_a = g_a . w and L_b = g_b . w, so their gradients are g_a and g_b."""
+    w = torch.zeros(2, requires_grad=True)
+    g_a, g_b = torch.tensor([1.0, 0.0]), torch.tensor([-0.5, 1.0])  # conflicting: g_a . g_b < 0
+    return w, g_a, g_b, {"a": g_a @ w, "b": g_b @ w}
+
+
+def _combined_gradient(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w, g_a, g_b, losses = _conflicting_linear_tasks()
+    weighting = build_weighting(name, TASKS)
+    weighting.space = "parameters"
+    weighting.observe(losses, BOTH, [w], ONE_PROCESS)
+    weighting(losses, BOTH, step=0).backward()
+    return w.grad, g_a, g_b
+
+
+def test_pcgrad_removes_the_conflicting_component():
+    combined, g_a, g_b = _combined_gradient("pcgrad")
+    projected_a = g_a - (g_a @ g_b) / (g_b @ g_b) * g_b
+    projected_b = g_b - (g_a @ g_b) / (g_a @ g_a) * g_a
+    torch.testing.assert_close(combined, projected_a + projected_b)
+    assert combined @ g_a >= 0 and combined @ g_b >= 0  # no task is pushed uphill
+    assert (g_a + g_b) @ g_a < combined @ g_a  # plain summing would have hurt task a more
+
+
+def test_mgda_finds_the_min_norm_combination():
+    combined, g_a, g_b = _combined_gradient("mgda")
+    alpha = ((g_b - g_a) @ g_b) / ((g_a - g_b) @ (g_a - g_b))  # closed form for two tasks
+    expected = 2 * (alpha * g_a + (1 - alpha) * g_b)  # MGDA weights are scaled to sum to the task count
+    torch.testing.assert_close(combined, expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(combined @ g_a, combined @ g_b, atol=1e-3, rtol=1e-3)  # equal descent for both
+
+
+def test_cagrad_improves_the_worst_task_over_plain_averaging():
+    combined, g_a, g_b = _combined_gradient("cagrad")
+    mean = (g_a + g_b) / 2
+    assert min(combined @ g_a, combined @ g_b) / combined.norm() > min(mean @ g_a, mean @ g_b) / mean.norm()
+
+
+def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
+    weighting = build_weighting("uncertainty", TASKS)
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    losses = {"a": torch.tensor(0.05), "b": torch.tensor(2.0)}  # b is the noisier task
+    for _ in range(500):
+        optimizer.zero_grad()
+        weighting(losses, BOTH, step=0).backward()
+        optimizer.step()
+    torch.testing.assert_close(weighting.weights, torch.tensor([1 / 0.05, 1 / 2.0]), rtol=0.05, atol=0.0)
+
+
+def test_dwa_raises_the_weight_of_the_slower_task():
+    weighting = build_weighting("dwa", TASKS)
+    for epoch_losses in ([1.0, 1.0], [0.5, 0.9]):  # a improves fast, b slowly
+        weighting({"a": torch.tensor(epoch_losses[0]), "b": torch.tensor(epoch_losses[1])}, BOTH, step=0)
+        weighting.end_epoch(ONE_PROCESS)
+    weighting({"a": torch.tensor(0.4), "b": torch.tensor(0.8)}, BOTH, step=0)
+    ratios = torch.tensor([0.5, 0.9])
+    torch.testing.assert_close(weighting.weights, 2 * torch.softmax(ratios / 2.0, dim=0))
+    assert weighting.weights[1] > weighting.weights[0]
+
+
+def test_rlw_draws_depend_only_on_seed_and_step():
+    weighting = build_weighting("rlw", TASKS, seed=3)
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(1.0)}
+    weighting(losses, BOTH, step=7)
+    first = weighting.weights.clone()
+    weighting(losses, BOTH, step=8)
+    assert not torch.equal(first, weighting.weights)
+    weighting(losses, BOTH, step=7)
+    assert torch.equal(first, weighting.weights) and torch.isclose(first.sum(), torch.tensor(2.0))
+
+
+def test_gls_is_the_geometric_mean():
+    weighting = build_weighting("gls", TASKS)
+    total = weighting({"a": torch.tensor(4.0), "b": torch.tensor(1.0)}, BOTH, step=0)
+    torch.testing.assert_close(total, torch.tensor(2.0))
+    torch.testing.assert_close(weighting.weights, torch.tensor([2.0 / (2 * 4.0), 2.0 / (2 * 1.0)]))
+
+
+def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    weighting = build_weighting("gradnorm", TASKS)
+    z = torch.ones(3, requires_grad=True)
+    for _ in range(5):
+        losses = {"a": (10 * z).sum(), "b": z.sum()}  # equal training rates, a's gradient is 10x larger
+        weighting.observe(losses, BOTH, [z], ONE_PROCESS)
+    assert weighting.current[0] < 1.0 < weighting.current[1]
+    torch.testing.assert_close(weighting.current.sum(), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_a_task_without_labels_drops_out_without_nan(name):
+    weighting = build_weighting(name, TASKS)
+    z = torch.randn(4, requires_grad=True)
+    losses = {"a": (z**2).sum(), "b": (z * 0).sum()}  # b has no labels: zero loss, zero gradient
+    present = torch.tensor([True, False])
+    if weighting.needs_gradients:
+        weighting.observe(losses, present, [z], ONE_PROCESS)
+    total = weighting(losses, present, step=0)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert weighting.weights[1] == 0 and weighting.weights[0] > 0
+    nothing = torch.tensor([False, False])
+    if weighting.needs_gradients:
+        weighting.observe(losses, nothing, [z], ONE_PROCESS)
+    total = weighting(losses, nothing, step=1)
+    assert torch.isfinite(total) and total.item() == 0.0
+
+
+def test_weighting_state_round_trips(tmp_path):
+    weighting = build_weighting("dwa", TASKS)
+    weighting({"a": torch.tensor(1.0), "b": torch.tensor(3.0)}, BOTH, step=0)
+    weighting.end_epoch(ONE_PROCESS)
+    weighting.save(tmp_path)
+    restored = build_weighting("dwa", TASKS)
+    restored.load(tmp_path)
+    assert torch.equal(restored.history, weighting.history) and restored.epochs_seen == 1
+
+
+def test_two_processes_compute_the_same_weights_and_apply_the_same_update(tmp_path):
+    script = Path(__file__).with_name("ddp_weighting_check.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path)}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty"):
+        assert f"{name}: same weights and update on both processes" in result.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
