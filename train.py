@@ -21,10 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from mmfusion.card import model_card
 from mmfusion.config import Config, parse_args, save_yaml
 from mmfusion.data import model_inputs
-from mmfusion.errors import InputError
+from mmfusion.errors import CheckpointWriteError, InputError
 from mmfusion.evaluation import evaluate
+from mmfusion.hub import resolve_checkpoint
 from mmfusion.losses import build_weighting
 from mmfusion.metrics import LOWER_IS_BETTER
 from mmfusion.model import FusionModel, atomic_directory, load_compatible, read_config
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except (FloatingPointError, CheckpointWriteError) as error:
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        return 1
 
 
 def train(config: Config) -> int:
@@ -74,7 +79,8 @@ def train(config: Config) -> int:
     set_cpu_threads(accelerator, cfg.cpu_threads)
 
     # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
-    processor = FusionProcessor.from_pretrained(cfg.init_from) if cfg.init_from else None
+    init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+    processor = FusionProcessor.from_pretrained(init) if init else None
     data = prepare_data(config, processor)
     config.tasks = data.tasks
     for note in data.notes:
@@ -86,12 +92,12 @@ def train(config: Config) -> int:
     val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, config.data.num_workers)
 
     # ---- model: fresh, or the compatible parts of a pretrained fusion checkpoint
-    if cfg.init_from:
-        config.model = read_config(Path(cfg.init_from))
+    if init:
+        config.model = read_config(init)
     config.model.tasks = data.tasks
     model = FusionModel(config.model)
-    if cfg.init_from:
-        log(load_compatible(model, Path(cfg.init_from)))
+    if init:
+        log(load_compatible(model, init))
     weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accumulation)
@@ -129,9 +135,13 @@ def train(config: Config) -> int:
     def save_pretrained(name: str) -> Path:
         directory = output_dir / name
         if accelerator.is_main_process:
-            with atomic_directory(directory) as staging:
-                accelerator.unwrap_model(model).save_pretrained(staging)
-                data.processor.save_pretrained(staging)
+            try:
+                with atomic_directory(directory) as staging:
+                    accelerator.unwrap_model(model).save_pretrained(staging)
+                    data.processor.save_pretrained(staging)
+            except OSError as error:
+                kept = "the previous one is intact" if directory.exists() else "nothing was written"
+                raise CheckpointWriteError(f"writing {directory} failed ({error}); {kept}") from None
         accelerator.wait_for_everyone()
         return directory
 
@@ -142,8 +152,9 @@ def train(config: Config) -> int:
         value = _best_value(metrics, cfg.best_metric)
         improved = state.best_value is None or value > state.best_value
         if improved:
-            state.best_value, state.best_step = value, state.step
+            state.best_value, state.best_step, state.best_metrics = value, state.step, metrics
             save_pretrained("best")
+        state.last_metrics = metrics
         log(f"step {state.step} validation: {_one_line(metrics)}{'  (best)' if improved else ''}")
         return metrics
 
@@ -165,12 +176,12 @@ def train(config: Config) -> int:
                 out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
                 present = torch.stack([batch["label_mask"][name].any() for name in weighting.names])
                 loss = weighted_backward(accelerator, model, weighting, out, present, state.step)
-                if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":
-                    rows = batch["row"].tolist()
+                if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":  # fp16: the scaler skips
+                    sources = "; ".join(train_set.describe(row) for row in batch["row"].tolist())
                     raise FloatingPointError(
-                        f"non-finite loss at step {state.step} (epoch {epoch}, train rows {rows}); "
-                        f"task losses: { {k: float(v) for k, v in out.task_losses.items()} }. "
-                        f"The last good checkpoint is in {output_dir / 'checkpoints'}"
+                        f"non-finite loss at step {state.step + 1} (epoch {epoch}); task losses "
+                        f"{ {k: float(v) for k, v in out.task_losses.items()} }; batch: {sources}. "
+                        f"Training stopped; the last good checkpoint is in {output_dir / 'checkpoints'}"
                     )
                 if accelerator.sync_gradients:
                     average_gradients(accelerator, model, weighting)
@@ -223,6 +234,7 @@ def train(config: Config) -> int:
 
     # ---- the end: final weights, test report, where everything is
     final = save_pretrained("final")
+    test_metrics = None
     if "test" in data.datasets:
         best = FusionModel.from_pretrained(output_dir / "best") if (output_dir / "best").is_dir() else unwrapped
         test_loader = accelerator.prepare(make_loader(data.datasets["test"], cfg.eval_batch_size, pad_id, False, 0))
@@ -231,6 +243,12 @@ def train(config: Config) -> int:
         if accelerator.is_main_process:
             (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"test (best checkpoint): {_one_line(metrics)}")
+        test_metrics = metrics
+    if accelerator.is_main_process:
+        sizes = {name: len(dataset) for name, dataset in data.datasets.items() if hasattr(dataset, "__len__")}
+        for name, validation, test in (("best", state.best_metrics, test_metrics), ("final", state.last_metrics, None)):
+            if (output_dir / name).is_dir():
+                (output_dir / name / "README.md").write_text(model_card(config, sizes, validation, test))
     log(
         f"done in {time.perf_counter() - start_time:.0f}s: best checkpoint {output_dir / 'best'} "
         f"(step {state.best_step}), final {final}, metrics in {metrics_file}\n"
@@ -243,7 +261,8 @@ def train(config: Config) -> int:
 
 def _save_state(accelerator, output_dir: Path, state: TrainerState, cfg, weighting) -> None:
     directory = save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints)
-    weighting.save(directory) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        weighting.save(directory)
 
 
 def _best_value(metrics: dict, name: str) -> float:

@@ -104,6 +104,8 @@ class FusionConfig:
     """Local file with pretrained torchvision weights (safetensors or a state dict); nothing is downloaded."""
     image_size: int = 64
     """Input image side in pixels (vit_b_16 needs it; the processor resizes to it)."""
+    image_pooling: Literal["mean", "max"] = "mean"
+    """CNN feature map to one vector: mean, or max (better at small objects); ViTs use their class token."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
     text_encoder: TextEncoderName = "lstm"
@@ -243,7 +245,10 @@ class TrainConfig:
     resume: str | None = None
     """Continue from a training state: latest, or a checkpoints/step_N directory."""
     init_from: str | None = None
-    """Start from a pretrained fusion checkpoint (compatible parts are loaded)."""
+    """Start from a pretrained fusion checkpoint (directory or Hub id): encoders, fusion and the heads of unchanged
+    tasks are loaded; new or changed tasks get fresh heads."""
+    freeze_encoders_steps: int = 0
+    """Keep the pretrained encoders fixed (learning rate 0) for the first N steps, while new heads settle."""
     cpu_threads: int = 0
     """Torch threads per process on CPU (0: the physical cores shared among the local processes; accelerate launch
     would otherwise leave one)."""
@@ -403,6 +408,10 @@ def check_values(config: Config) -> list[str]:
         (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),
         (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
         (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
+        (
+            train.freeze_encoders_steps >= 0,
+            f"--train.freeze_encoders_steps must be >= 0, got {train.freeze_encoders_steps}",
+        ),
         (train.log_every >= 1, f"--train.log_every must be >= 1, got {train.log_every}"),
         (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
         (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),

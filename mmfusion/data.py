@@ -28,6 +28,7 @@ SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+ROW_COLUMN = "__row__"  # a row's number in its split before bad rows were skipped
 
 
 @dataclass
@@ -327,7 +328,7 @@ def _column_values(split: Dataset | IterableDataset, columns: list[str], limit: 
 
 
 def check_columns(split: Dataset | IterableDataset, split_name: str, tasks: list[TaskSpec], config: DataConfig):
-    """Every configured column exists (a task column may be absent only from unlabelled evaluation splits)."""
+    """Every configured column exists (a missing task column is more likely a typo than a task without labels)."""
     available = _names(split)
     for field_name, column in (("data.image_column", config.image_column), ("data.text_column", config.text_column)):
         if column not in available:
@@ -477,7 +478,9 @@ def check_split(
         report.truncated[name] += reader.processor.truncated - truncated_before
     if not keep:
         raise DataError(f"the {name} split has no usable rows ({report.summary()})")
-    return split if len(keep) == len(split) else split.select(keep)
+    if len(keep) == len(split):
+        return split
+    return split.add_column(ROW_COLUMN, list(range(len(split)))).select(keep)  # rows keep their original numbers
 
 
 class FusionDataset(torch.utils.data.Dataset):
@@ -496,8 +499,16 @@ class FusionDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> dict:
-        return self.reader.read(self.split[int(index)], int(index), self.epoch, self.augment, self.seed,
-                                self.modality_dropout)  # fmt: skip
+        row = self.split[int(index)]
+        number = row.get(ROW_COLUMN, int(index))
+        return self.reader.read(row, number, self.epoch, self.augment, self.seed, self.modality_dropout)
+
+    def describe(self, number: int) -> str:
+        """Where row `number` (as in error messages and batch["row"]) comes from."""
+        rows = self.split[ROW_COLUMN] if ROW_COLUMN in self.split.column_names else None
+        row = self.split[rows.index(number) if rows is not None else number]
+        image = row.get(self.reader.config.image_column)
+        return f"{self.reader.split} row {number}" + _file_hint(image)
 
 
 class FusionStream(torch.utils.data.IterableDataset):

@@ -15,3 +15,7 @@ class BadInputError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint directory or file is missing, corrupt or from an incompatible configuration."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); the previous checkpoint is left intact."""

@@ -17,17 +17,20 @@ from .config import FusionConfig
 from .layers import EncoderOutput
 
 
-def _feature_map_output(features: torch.Tensor) -> EncoderOutput:
+def _feature_map_output(features: torch.Tensor, pooling: str = "mean") -> EncoderOutput:
+    """Tokens are the flattened feature map; pooled is their mean, or their max (presence of small objects)."""
     tokens = features.flatten(2).transpose(1, 2)
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    return EncoderOutput(pooled=tokens.mean(1), tokens=tokens, mask=mask)
+    pooled = tokens.amax(1) if pooling == "max" else tokens.mean(1)
+    return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
 
 
 class SimpleCNN(nn.Module):
     """Conv stages (3x3 conv, GroupNorm, ReLU, 2x2 max-pool), one per entry of `widths`."""
 
-    def __init__(self, widths: list[int]) -> None:
+    def __init__(self, widths: list[int], pooling: str = "mean") -> None:
         super().__init__()
+        self.pooling = pooling
         if not widths:
             raise ValueError("simple_cnn needs at least one stage in image_widths")
         stages, channels = [], 3
@@ -43,14 +46,15 @@ class SimpleCNN(nn.Module):
         self.out_dim = channels
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return _feature_map_output(self.features(pixel_values))
+        return _feature_map_output(self.features(pixel_values), self.pooling)
 
 
 class TorchvisionEncoder(nn.Module):
     """A torchvision classification network without its classifier: feature map (or patch tokens) out."""
 
-    def __init__(self, name: str, image_size: int, weights: str | None = None) -> None:
+    def __init__(self, name: str, image_size: int, weights: str | None = None, pooling: str = "mean") -> None:
         super().__init__()
+        self.pooling = pooling
         kwargs = {"image_size": image_size} if name.startswith("vit") else {}
         network = getattr(torchvision.models, name)(weights=None, **kwargs)
         if weights:
@@ -69,7 +73,7 @@ class TorchvisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         if not self.is_vit:
-            return _feature_map_output(self.features(pixel_values))
+            return _feature_map_output(self.features(pixel_values), self.pooling)
         x = self.vit._process_input(pixel_values)
         x = torch.cat([self.vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.vit.encoder(x)
@@ -104,5 +108,5 @@ def build_image_encoder(config: FusionConfig) -> nn.Module:
     if config.image_encoder not in IMAGE_ENCODERS:
         raise ValueError(f"unknown image_encoder {config.image_encoder!r}; choose from {sorted(IMAGE_ENCODERS)}")
     if config.image_encoder == "simple_cnn":
-        return SimpleCNN(config.image_widths)
-    return TorchvisionEncoder(config.image_encoder, config.image_size, config.image_weights)
+        return SimpleCNN(config.image_widths, config.image_pooling)
+    return TorchvisionEncoder(config.image_encoder, config.image_size, config.image_weights, config.image_pooling)

@@ -259,6 +259,8 @@ class atomic_directory:
         if self.target.exists() and not self.target.is_dir():
             raise NotADirectoryError(f"cannot write a checkpoint to {self.target}: it exists and is a file")
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
         return self.staging
 

@@ -32,6 +32,7 @@ from .data import (
     infer_tasks,
     load_dataset,
 )
+from .errors import CheckpointWriteError
 from .model import FusionModel
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 
@@ -114,8 +115,11 @@ def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: i
 # ----- optimisation -----
 
 
-def pretrained_modules(model: FusionModel) -> list[torch.nn.Module]:
-    """Encoders that start from pretrained weights and so train at `encoder_lr`."""
+def pretrained_modules(model: FusionModel, train: TrainConfig) -> list[torch.nn.Module]:
+    """Encoders that start from pretrained weights (every encoder, after --train.init_from); they train at
+    `encoder_lr` and are the ones `freeze_encoders_steps` holds still."""
+    if train.init_from:
+        return [model.image_encoder, model.text_encoder]
     modules = []
     if model.config.image_weights:
         modules.append(model.image_encoder)
@@ -125,8 +129,9 @@ def pretrained_modules(model: FusionModel) -> list[torch.nn.Module]:
 
 
 def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=()) -> torch.optim.AdamW:
-    """AdamW; pretrained encoders at encoder_lr, the rest at lr; no weight decay on norms, biases and scalars."""
-    pretrained = {id(p) for module in pretrained_modules(model) for p in module.parameters()}
+    """AdamW; pretrained encoders at encoder_lr, the rest at lr; no weight decay on norms, biases and scalars.
+    Each group records whether it is `pretrained`, for the schedule."""
+    pretrained = {id(p) for module in pretrained_modules(model, train) for p in module.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for parameter in [*model.parameters(), *extra_parameters]:
         if parameter.requires_grad:
@@ -136,6 +141,7 @@ def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=())
             "params": params,
             "lr": train.encoder_lr if is_pretrained else train.lr,
             "weight_decay": train.weight_decay if decays else 0.0,
+            "pretrained": is_pretrained,
         }
         for (is_pretrained, decays), params in sorted(groups.items())
     ]
@@ -143,7 +149,8 @@ def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=())
 
 
 def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup for warmup_ratio of the steps, then cosine, linear or constant."""
+    """Linear warmup for warmup_ratio of the steps, then cosine, linear or constant; pretrained encoders stay at
+    learning rate 0 (frozen) for the first `freeze_encoders_steps` steps."""
     warmup = int(train.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -156,7 +163,11 @@ def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.op
             return 1.0 - progress
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def frozen_first(step: int) -> float:
+        return 0.0 if step < train.freeze_encoders_steps else factor(step)
+
+    factors = [frozen_first if group["pretrained"] else factor for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def set_cpu_threads(accelerator, requested: int) -> None:
@@ -228,6 +239,8 @@ class TrainerState:
     batches_in_epoch: int = 0  # loader batches already consumed in `epoch`
     best_value: float | None = None
     best_step: int | None = None
+    best_metrics: dict | None = None  # validation metrics of best/
+    last_metrics: dict | None = None  # the latest validation metrics
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
 
 
@@ -263,13 +276,20 @@ def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = checkpoint_dirs(output_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"saving the training state at step {state.step} failed ({error}); {kept}") from None
     if accelerator.is_main_process:
-        (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
