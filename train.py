@@ -116,11 +116,13 @@ def train(config: Config) -> int:
 
     # ---- outputs and resume
     state = TrainerState()
-    if cfg.resume:
-        checkpoint = resolve_resume(cfg.resume, output_dir)
+    checkpoint = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
+    if checkpoint:
         state = load_training_state(accelerator, checkpoint)
         weighting.load(checkpoint)
         log(f"resumed from {checkpoint} at step {state.step}")
+    elif cfg.resume:
+        log(f"--train.resume latest: no checkpoint under {output_dir / 'checkpoints'} yet, starting from scratch")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, output_dir / "config.yaml")
@@ -180,7 +182,7 @@ def train(config: Config) -> int:
                     sources = "; ".join(train_set.describe(row) for row in batch["row"].tolist())
                     raise FloatingPointError(
                         f"non-finite loss at step {state.step + 1} (epoch {epoch}); task losses "
-                        f"{ {k: float(v) for k, v in out.task_losses.items()} }; batch: {sources}. "
+                        f"{ {k: float(v.detach()) for k, v in out.task_losses.items()} }; batch: {sources}. "
                         f"Training stopped; the last good checkpoint is in {output_dir / 'checkpoints'}"
                     )
                 if accelerator.sync_gradients:
@@ -218,9 +220,9 @@ def train(config: Config) -> int:
                 weighting.end_epoch(accelerator)
                 epoch, state.epoch, state.batches_in_epoch = epoch + 1, epoch + 1, 0
             if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
-                _save_state(accelerator, output_dir, state, cfg, weighting)
+                _save_state(accelerator, model, output_dir, state, cfg, weighting)
             if stop.received is not None:
-                _save_state(accelerator, output_dir, state, cfg, weighting)
+                _save_state(accelerator, model, output_dir, state, cfg, weighting)
                 log(f"received signal {stop.received}: saved the training state at step {state.step}; resume with "
                     f"--train.resume latest")  # fmt: skip
                 accelerator.end_training()
@@ -259,7 +261,10 @@ def train(config: Config) -> int:
     return 0
 
 
-def _save_state(accelerator, output_dir: Path, state: TrainerState, cfg, weighting) -> None:
+def _save_state(accelerator, model, output_dir: Path, state: TrainerState, cfg, weighting) -> None:
+    """Save the training state, unless the weights are no longer finite (then the last good one must stay)."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"non-finite weights at step {state.step}; the training state was not saved")
     directory = save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints)
     if accelerator.is_main_process:
         weighting.save(directory)

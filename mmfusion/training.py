@@ -32,7 +32,7 @@ from .data import (
     infer_tasks,
     load_dataset,
 )
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, InputError
 from .model import FusionModel
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 
@@ -255,15 +255,14 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path:
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume: `latest` (None when there is none yet: a fresh start), or a step_N directory."""
     if resume == "latest":
         found = checkpoint_dirs(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--train.resume latest: no checkpoint under {output_dir / 'checkpoints'}")
-        return found[-1]
+        return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--train.resume {resume}: not a training checkpoint (no {STATE_NAME})")
+        raise InputError(f"--train.resume {resume}: not a complete training checkpoint (no {STATE_NAME})")
     return path
 
 
