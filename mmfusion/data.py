@@ -38,6 +38,7 @@ class LoadedData:
     splits: dict[str, Dataset | IterableDataset]
     roots: dict[str, Path]
     source: str
+    held_out: bool = False  # validation was held out of train (its rows keep their numbers in the train data)
 
     @property
     def streaming(self) -> bool:
@@ -119,7 +120,8 @@ def _load_path(path: Path, config: DataConfig) -> LoadedData:
             raise DataError(f"{path}: the {name} split is empty ({file} has no rows)")
         if builder == "json":
             _check_utf8_lines(file)
-    options = {"encoding_errors": "replace"} if builder == "csv" else {}  # bad bytes then fail per row, named
+    # CSV: bad bytes fail per row, named; only an empty cell is a missing value ("nan" stays a value to check).
+    options = {"encoding_errors": "replace", "keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
     data = {}
     for name, file in files.items():  # one by one: each split may infer its own column types
         try:
@@ -207,9 +209,11 @@ def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:
     else:
         if len(train) < 2:
             raise DataError(f"{loaded.source}: {len(train)} training row(s) cannot be split into train and validation")
+        train = train.add_column(ROW_COLUMN, list(range(len(train))))  # messages name the row in the file
         parts = train.train_test_split(test_size=config.val_fraction, seed=config.split_seed, shuffle=True)
         loaded.splits["train"], loaded.splits["validation"] = parts["train"], parts["test"]
     loaded.roots["validation"] = loaded.roots["train"]
+    loaded.held_out = True
 
 
 def _index_bucket(index: int, seed: int) -> int:
@@ -238,6 +242,12 @@ def infer_tasks(train: Dataset | IterableDataset, config: DataConfig) -> tuple[l
         if name in ignored or name.startswith("_"):
             continue
         kind = _task_type(feature)
+        if kind is None and isinstance(feature, datasets.Json):  # mixed value types: go by the majority
+            kind = _majority_task_type(train, name)
+            feature = "mixed types"
+        elif kind == "classification" and _mostly_decimal_strings(train, feature, name):  # CSV numbers as text
+            kind = "regression"
+            feature = "decimal numbers as text"
         if kind is None:
             notes.append(f"column {name!r} ({feature}) ignored: not a label type")
             continue
@@ -246,6 +256,28 @@ def infer_tasks(train: Dataset | IterableDataset, config: DataConfig) -> tuple[l
     if not tasks:
         raise DataError(f"no label columns to infer tasks from; columns are {list(features)}")
     return tasks, notes
+
+
+def _majority_task_type(train: Dataset | IterableDataset, column: str) -> str | None:
+    """The task type most values of a mixed-type column suggest (rows of another type then fail their checks)."""
+    kinds = Counter()
+    for value in _column_values(train, [column], limit=10_000)[column]:
+        if isinstance(value, list):
+            kinds["multilabel"] += 1
+        elif isinstance(value, float):
+            kinds["regression"] += 1
+        elif isinstance(value, (str, int, bool)):
+            kinds["classification"] += 1
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
+def _mostly_decimal_strings(train: Dataset | IterableDataset, feature: Any, column: str) -> bool:
+    """A text column whose values are nearly all decimal numbers (a CSV column with one bad cell, say)."""
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return False
+    values = [v for v in _column_values(train, [column], limit=10_000)[column] if v is not None]
+    numbers = [v for v in values if as_number(v) is not None]
+    return bool(values) and len(numbers) >= 0.9 * len(values) and any("." in v for v in numbers)
 
 
 def _describe(feature: Any) -> str:
@@ -352,6 +384,12 @@ class RowReader:
     root: Path
     split: str
     allow_missing_modality: bool = False
+    held_out: bool = False  # a validation split cut from train: its rows are numbered as in the train data
+
+    def where(self, index: int) -> str:
+        if self.held_out:
+            return f"{self.split} split (held out of the train data), train row {index}"
+        return f"{self.split} split, row {index}"
 
     def image_path(self, reference: str, where: str) -> Path:
         """A relative (or absolute) path that must stay inside the data directory."""
@@ -391,7 +429,7 @@ class RowReader:
     def parse(self, row: dict, index: int, decode_image: bool = True) -> tuple[Any, str | None, dict, dict]:
         """(image, text, labels, label masks) of one row, or BadInputError naming split, row and field.
         Without `decode_image` the image is only checked to be present (it is then returned as given)."""
-        where = f"{self.split} split, row {index}"
+        where = self.where(index)
         image_value = row.get(self.config.image_column)
         image_where = f"{where}, field {self.config.image_column!r}" + _file_hint(image_value)
         image = self.load_image(image_value, image_where) if decode_image else image_value
@@ -465,7 +503,7 @@ def check_split(
     truncated_before = reader.processor.truncated
     for index, row in enumerate(split):
         try:
-            _, text, _, _ = reader.parse(row, index, decode_image=verify_images)
+            _, text, _, _ = reader.parse(row, row.get(ROW_COLUMN, index), decode_image=verify_images)
             if text is not None:
                 reader.processor.encode_text(text)  # counts truncations
         except BadInputError as error:
@@ -480,7 +518,9 @@ def check_split(
         raise DataError(f"the {name} split has no usable rows ({report.summary()})")
     if len(keep) == len(split):
         return split
-    return split.add_column(ROW_COLUMN, list(range(len(split)))).select(keep)  # rows keep their original numbers
+    if ROW_COLUMN not in split.column_names:  # rows keep their original numbers
+        split = split.add_column(ROW_COLUMN, list(range(len(split))))
+    return split.select(keep)
 
 
 class FusionDataset(torch.utils.data.Dataset):

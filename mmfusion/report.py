@@ -52,8 +52,9 @@ CONDITIONS = {
 }
 REMOVED = {"both": (), "without_image": ("image",), "without_text": ("text",), "without_both": ("image", "text")}
 STOPWORDS = frozenset(
-    "the and with near are its this that there has have shows show image picture photo one two pair some".split()
-)
+    "the and with near are its this that there these those has have was were for from into onto you your our "
+    "how what which here see seen shows show contains scene image picture photo very just some".split()
+)  # left out of the attention figure's word choice, which prefers words that name things
 
 
 # ----- what metrics.jsonl says -----
@@ -167,7 +168,11 @@ class ValidationRows:
     def batches(self, batch_size: int, removed: tuple[str, ...] = ()):
         """Batches on the device, with the modalities in `removed` marked absent (the model's placeholders)."""
         loader = make_loader(self.dataset, batch_size, self.processor.settings.pad_id, False, 0)
+        start = 0
         for batch in loader:
+            size = len(batch["row"])
+            batch["position"] = torch.arange(start, start + size)  # in the dataset (rows are never shuffled here)
+            start += size
             batch = send_to_device(batch, self.device)
             for modality in removed:
                 batch[f"{modality}_present"] = torch.zeros_like(batch[f"{modality}_present"])
@@ -184,7 +189,7 @@ class ValidationRows:
         if not batch["text_present"][i]:
             return "(no text)"
         if isinstance(self.dataset, FusionDataset):
-            return str(self.dataset.split[int(batch["row"][i])][self.text_column])
+            return str(self.dataset.split[int(batch["position"][i])][self.text_column])
         return self.processor.tokenizer.decode(self.token_ids(batch, i))
 
     def token_ids(self, batch: dict, i: int) -> list[int]:

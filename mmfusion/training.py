@@ -77,17 +77,19 @@ def prepare_data(config: Config, processor: FusionProcessor | None = None, split
     tasks = config.tasks
     if not tasks:
         tasks, notes = infer_tasks(loaded.splits["train"], data)
+    present = [name for name in splits if name in loaded.splits]
+    for name in present:
+        check_columns(loaded.splits[name], name, tasks, data)
     tasks = fit_tasks(tasks, loaded.splits["train"], data)
     if processor is None:
         processor = build_processor(config, tasks, loaded)
     report = SkipReport()
     datasets = {}
-    for name in splits:
-        if name not in loaded.splits:
-            continue
+    for name in present:
         split = loaded.splits[name]
-        check_columns(split, name, tasks, data)
-        reader = RowReader(processor, tasks, data, loaded.roots[name], name, data.missing_modality == "placeholder")
+        placeholder = data.missing_modality == "placeholder"
+        held_out = name == "validation" and loaded.held_out
+        reader = RowReader(processor, tasks, data, loaded.roots[name], name, placeholder, held_out)
         train = name == "train"
         augment = train and data.augment
         dropout = config.train.modality_dropout if train else 0.0

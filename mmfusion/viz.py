@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from .metrics import LOWER_IS_BETTER
 
@@ -35,6 +36,7 @@ STYLE = {
 }
 DPI = 110
 MARKED_POINTS = 60  # lines with at most this many points also get a marker per point
+BAR_FLOOR = -1.0  # modality bars (R² can be far below zero) are cut at this value
 ANNOTATED_CLASSES = 20  # confusion matrices up to this size print their counts in the cells
 METRIC_NAMES = {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "map": "mAP", "auroc": "AUROC"}
 
@@ -73,9 +75,9 @@ def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
 
 
 def save_png(figure: Figure, path: Path) -> Path:
-    """Write `figure` as a PNG (tight bounding box) and return the path."""
+    """Write `figure` as a PNG and return the path (figures use the constrained layout: nothing is cut)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    figure.savefig(path, dpi=DPI, facecolor="white")
     return path
 
 
@@ -140,18 +142,20 @@ def training_curves(records: Sequence[dict], colors: dict[str, str], weighting: 
         everything.append(values)
         _line(loss_ax, steps, values, color=colors[task], linewidth=1.4, label=task)
     log = _log_scale_if_wide(loss_ax, np.concatenate(everything))
-    loss_ax.set(title="Training loss (mean over each logging interval)",
-                ylabel="loss (CE in nats, MSE of standardised targets)" + (", log scale" if log else ""))  # fmt: skip
+    loss_ax.set(
+        title="Training loss (mean over each logging interval)", ylabel="loss" + (" (log scale)" if log else "")
+    )
     loss_ax.legend(ncols=2)
 
     _line(lr_ax, steps, _series(records, "lr"), color="tab:blue", linewidth=1.6, label="learning rate")
     lr_ax.set(title="Learning rate (fusion, heads, encoders trained from scratch)", ylabel="learning rate")
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    lr_ax.yaxis.set_major_formatter(FormatStrFormatter("%.2e"))
+    lr_ax.set_ylim(bottom=0)
 
-    for task in tasks:
-        _line(weight_ax, steps, _series(records, "weights", task), color=colors[task], linewidth=1.4, label=task)
+    _weight_lines(weight_ax, steps, records, tasks, colors)
     weight_ax.set(title=f"Effective loss weight per task (loss_weighting: {weighting})",
                   ylabel="weight (multiplies the task loss)", xlabel="optimizer step")  # fmt: skip
+    weight_ax.set_ylim(bottom=0)
     weight_ax.legend(ncols=2)
 
     _line(speed_ax, steps, _series(records, "pairs_per_s"), color="tab:green", linewidth=1.6, label="throughput")
@@ -162,13 +166,24 @@ def training_curves(records: Sequence[dict], colors: dict[str, str], weighting: 
     return figure
 
 
+def _weight_lines(ax: Axes, steps: list[int], records: Sequence[dict], tasks: list[str], colors: dict) -> None:
+    """Each task's loss weight over steps; one line for all when every task has the same weights (e.g. sum)."""
+    series = {task: _series(records, "weights", task) for task in tasks}
+    first = next(iter(series.values()), None)
+    if first is not None and all(np.array_equal(first, values, equal_nan=True) for values in series.values()):
+        _line(ax, steps, first, color="black", linewidth=1.6, label=f"all {len(tasks)} tasks (identical)")
+        return
+    for task, values in series.items():
+        _line(ax, steps, values, color=colors[task], linewidth=1.4, label=task)
+
+
 # ----- validation metrics -----
 
 
 def metric_panels(records: Sequence[dict], tasks: Sequence[tuple[str, str]]) -> list[tuple[str, str, list[str], str]]:
     """(title, task, metrics, y label) of each validation panel: the summary, then per task its scores and,
     apart (they are in the target's units), its error metrics."""
-    panels = [("summary (mean primary metric)", "", ["summary"], "summary")]
+    panels = [("summary (mean primary metric)", "", ["summary"], "mean primary metric")]
     for task, task_type in tasks:
         names = list(dict.fromkeys(k for r in records for k in r.get(task, {}) if k != "count"))
         errors = [name for name in names if name in LOWER_IS_BETTER]
@@ -191,7 +206,7 @@ def validation_curves(
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(5.2 * columns, 3.8 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, sharex=True, squeeze=False)).ravel()
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, (title, task, names, unit) in zip(axes, panels):
         for name in names:
             values = _series(records, task, name) if task else _series(records, name)
@@ -243,13 +258,18 @@ def modality_bars(table: dict[str, dict[str, float | None]], primary: dict[str, 
     ax = figure.subplots()
     width = 0.8 / len(conditions)
     palette = ["#1b9e77", "#d95f02", "#7570b3", "#999999"]
+    clipped = False
     for i, (key, label) in enumerate(conditions.items()):
-        values = [table[task][key] for task in tasks]
-        heights = [math.nan if value is None else value for value in values]
+        values = np.array([math.nan if table[task][key] is None else table[task][key] for task in tasks], dtype=float)
+        clipped |= bool(np.any(values < BAR_FLOOR))
         offsets = np.arange(len(tasks)) + (i - (len(conditions) - 1) / 2) * width
-        bars = ax.bar(offsets, heights, width, label=label, color=palette[i % len(palette)])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+        bars = ax.bar(offsets, np.maximum(values, BAR_FLOOR), width, label=label, color=palette[i % len(palette)])
+        ax.bar_label(bars, labels=[_bar_text(value) for value in values], fontsize=8, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
+    if clipped:
+        ax.set_ylim(bottom=BAR_FLOOR - 0.1)
+        ax.text(0.01, 0.02, f"bars below {BAR_FLOOR:g} are cut there (their value is printed)",
+                transform=ax.transAxes, fontsize=9, color="0.3")  # fmt: skip
     ax.set_xticks(range(len(tasks)), [f"{task}\n({metric_label(primary[task])})" for task in tasks])
     ax.set(xlabel="task (primary metric)", ylabel="primary metric on the validation split",
            title="Modality contributions: each task's primary metric as inputs are removed")  # fmt: skip
@@ -258,28 +278,37 @@ def modality_bars(table: dict[str, dict[str, float | None]], primary: dict[str, 
     return figure
 
 
+def _bar_text(value: float) -> str:
+    """A bar's value label: 2 decimals, n/a when missing, never "-0.00"."""
+    return "n/a" if math.isnan(value) else f"{value:.2f}".replace("-0.00", "0.00")
+
+
 # ----- fusion diagnostics -----
 
 
 @styled
 def gate_histogram(gates: np.ndarray) -> Figure:
-    """Gated fusion: the distribution of gate values g ([N, dim]; g weighs the image, 1 - g the text)."""
-    figure = Figure(figsize=(12, 4.4), layout="constrained")
-    all_ax, mean_ax = figure.subplots(1, 2)
-    values, per_sample = gates.ravel(), gates.mean(1)
-    bins = np.linspace(0, 1, 41)
-    all_ax.hist(values, bins=bins, color="tab:purple", alpha=0.85)
-    all_ax.axvline(values.mean(), color="black", linestyle="--", label=f"mean {values.mean():.3f}")
-    all_ax.set(title=f"Every gate value ({gates.shape[0]} rows x {gates.shape[1]} dimensions)",
-               xlabel="gate value g (1: image only, 0: text only)", ylabel="count (row, dimension)")  # fmt: skip
-    mean_ax.hist(per_sample, bins=bins, color="tab:cyan", alpha=0.9)
-    mean_ax.axvline(per_sample.mean(), color="black", linestyle="--", label=f"mean {per_sample.mean():.3f}")
-    mean_ax.set(title="Mean gate value of each validation row", xlabel="mean gate value over the dimensions",
-                ylabel="validation rows")  # fmt: skip
-    for ax in (all_ax, mean_ax):
-        ax.set_xlim(0, 1)
+    """Gated fusion: the distribution of gate values g ([N, dim]; g weighs the image, 1 - g the text): all of
+    them, each dimension's mean over the rows, and each row's mean over the dimensions."""
+    figure = Figure(figsize=(16, 4.6), layout="constrained")
+    all_ax, dim_ax, row_ax = figure.subplots(1, 3)
+    unit_bins = np.linspace(0, 1, 41)
+    panels = [
+        (all_ax, gates.ravel(), unit_bins, "tab:purple", f"Every gate value ({gates.shape[0]} rows x "
+         f"{gates.shape[1]} dims)", "gate value g (1: image only, 0: text only)", "count of (row, dimension)"),
+        (dim_ax, gates.mean(0), unit_bins, "tab:orange", "Each fused dimension's mean gate",
+         "mean gate value over the rows", "fused dimensions"),
+        (row_ax, gates.mean(1), 30, "tab:cyan", "Each validation row's mean gate (x axis zoomed)",
+         "mean gate value over the dimensions", "validation rows"),
+    ]  # fmt: skip
+    for ax, values, bins, color, title, xlabel, ylabel in panels:
+        ax.hist(values, bins=bins, color=color, alpha=0.85)
+        ax.axvline(values.mean(), color="black", linestyle="--", label=f"mean {values.mean():.3f}")
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.legend()
-    figure.suptitle("Gated fusion: how much of each fused dimension comes from the image")
+    all_ax.set_xlim(0, 1)
+    dim_ax.set_xlim(0, 1)
+    figure.suptitle("Gated fusion: how much of each fused dimension comes from the image (g) or the text (1 - g)")
     return figure
 
 
@@ -323,13 +352,13 @@ def error_gallery(task: str, mistakes: Sequence[Mistake]) -> Figure:
     """The given wrongly classified rows: image, caption, true and predicted label with its probability."""
     columns = min(3, len(mistakes))
     rows = math.ceil(len(mistakes) / columns)
-    figure = Figure(figsize=(3.9 * columns, 4.7 * rows), layout="constrained")
+    figure = Figure(figsize=(4.0 * columns, 5.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, mistake in zip(axes, mistakes):
         ax.imshow(mistake.image, interpolation="nearest")
-        ax.set_title(f"true: {mistake.true}\npredicted: {mistake.predicted} (p = {mistake.probability:.2f})",
-                     fontsize=10)  # fmt: skip
-        ax.set_xlabel(f"row {mistake.row}: " + textwrap.fill(mistake.caption, 38), fontsize=9)
+        ax.set_title(f"row {mistake.row}\ntrue: {mistake.true}\npredicted: {mistake.predicted} "
+                     f"(p = {mistake.probability:.2f})", fontsize=10)  # fmt: skip
+        ax.set_xlabel(textwrap.fill(mistake.caption, 40), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
