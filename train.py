@@ -75,6 +75,7 @@ def train(config: Config) -> int:
     )
     log = accelerator.print
     stop = StopSignal()
+    ablate = None if cfg.ablate == "none" else cfg.ablate
     set_seed(cfg.seed)  # model initialisation and the data order
     set_cpu_threads(accelerator, cfg.cpu_threads)
 
@@ -127,9 +128,11 @@ def train(config: Config) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, output_dir / "config.yaml")
     accelerator.init_trackers("mmfusion", config=_flat(config.to_dict()))
+    start_time = time.perf_counter()
     metrics_file = output_dir / "metrics.jsonl"
 
     def record(values: dict) -> None:
+        values["elapsed_s"] = round(time.perf_counter() - start_time, 3)
         if accelerator.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(values) + "\n")
@@ -148,7 +151,7 @@ def train(config: Config) -> int:
         return directory
 
     def run_evaluation(epoch: int) -> dict:
-        metrics = evaluate(model, val_loader, accelerator, data.tasks)
+        metrics = evaluate(model, val_loader, accelerator, data.tasks, remove=ablate)
         record({"step": state.step, "epoch": epoch, "split": "validation", **metrics})
         accelerator.log(_flat({"validation": metrics}), step=state.step)
         value = _best_value(metrics, cfg.best_metric)
@@ -162,7 +165,7 @@ def train(config: Config) -> int:
 
     # ---- the loop
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
-    start_time, start_step, running, running_batches = time.perf_counter(), state.step, {}, 0
+    start_step, running, running_batches = state.step, {}, 0
     epoch = state.epoch
     done = state.step >= total_steps
     while not done:
@@ -175,7 +178,7 @@ def train(config: Config) -> int:
             seed_step(cfg.seed, epoch, state.batches_in_epoch, accelerator.process_index)
             state.batches_in_epoch += 1
             with accelerator.accumulate(model), ddp_sync_disabled(accelerator, model, weighting):
-                out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
+                out = model(**model_inputs(batch, ablate), labels=batch["labels"], label_mask=batch["label_mask"])
                 present = torch.stack([batch["label_mask"][name].any() for name in weighting.names])
                 loss = weighted_backward(accelerator, model, weighting, out, present, state.step)
                 if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":  # fp16: the scaler skips
@@ -240,7 +243,8 @@ def train(config: Config) -> int:
     if "test" in data.datasets:
         best = FusionModel.from_pretrained(output_dir / "best") if (output_dir / "best").is_dir() else unwrapped
         test_loader = accelerator.prepare(make_loader(data.datasets["test"], cfg.eval_batch_size, pad_id, False, 0))
-        metrics = evaluate(accelerator.prepare(best.to(accelerator.device)), test_loader, accelerator, data.tasks)
+        best = accelerator.prepare(best.to(accelerator.device))
+        metrics = evaluate(best, test_loader, accelerator, data.tasks, remove=ablate)
         record({"step": state.step, "epoch": epoch, "split": "test", "checkpoint": "best", **metrics})
         if accelerator.is_main_process:
             (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -36,3 +36,38 @@ def write_result(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"environment": environment(), **result}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_run(args: list[str], output_dir: Path) -> dict:
+    """Run train.py in a fresh process; return its best validation record, time to reach it, and step time."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    command = [sys.executable, str(ROOT / "train.py"), *args, "--train.output_dir", str(output_dir),
+               "--train.report", "false"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py failed ({' '.join(args)}):\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if r["split"] == "validation"]
+    best = max(validation, key=lambda r: r["summary"])
+    train = [r for r in records if r["split"] == "train"]
+    steps = train[-1]["step"]
+    return {
+        "best": best,
+        "time_to_best_s": best["elapsed_s"],
+        "wall_s": time.perf_counter() - start,
+        "steps": steps,
+        "train_s_per_step": train[-1]["elapsed_s"] / steps,
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0

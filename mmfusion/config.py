@@ -228,6 +228,8 @@ class TrainConfig:
     """Gradient clipping norm (0: no clipping)."""
     loss_weighting: WeightingName = "sum"
     """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
+    ablate: Literal["none", "image", "text"] = "none"
+    """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     modality_dropout: float = 0.0
     """Probability of dropping the image or the text of a training sample."""
     seed: int = 0

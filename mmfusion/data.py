@@ -604,6 +604,10 @@ class Collator:
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
 
 
-def model_inputs(batch: dict) -> dict:
-    """The batch entries that `FusionModel.forward` takes besides labels."""
-    return {key: batch[key] for key in MODEL_INPUTS}
+def model_inputs(batch: dict, remove: str | None = None) -> dict:
+    """The batch entries that `FusionModel.forward` takes besides labels; `remove="image"|"text"` marks that
+    modality absent in every row (the model then uses its learned placeholder)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    if remove is not None:
+        inputs[f"{remove}_present"] = torch.zeros_like(inputs[f"{remove}_present"])
+    return inputs

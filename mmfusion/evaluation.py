@@ -34,9 +34,7 @@ def evaluate(
     model.eval()
     metrics = metrics or MultiTaskMetrics(tasks)
     for batch in loader:
-        inputs = model_inputs(batch)
-        if remove is not None:
-            inputs[f"{remove}_present"] = torch.zeros_like(inputs[f"{remove}_present"])
+        inputs = model_inputs(batch, remove)
         with accelerator.autocast():
             output = model(**inputs)
         outputs = {spec.name: metric_inputs(spec, output).float() for spec in tasks}

@@ -1,0 +1,98 @@
+"""Multi-task learning on the bundled sample data: one model per task against one shared model per loss
+weighting, with and without deep supervision, 3 seeds each, compared by delta-m (Maninis et al. 2019).
+
+    python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...]
+
+delta-m is the mean over tasks of the relative change of the task's validation metrics against its single-task
+model, signed so that higher is better (in %). Writes benchmarks/results/mtl.json and benchmarks/results/mtl.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import yaml
+from common import RESULTS, mean_std, train_run, write_result
+
+from mmfusion.config import TaskSpec
+from mmfusion.metrics import delta_m
+
+TASKS = [
+    TaskSpec("area", "regression"),
+    TaskSpec("background", "classification"),
+    TaskSpec("colors", "multilabel"),
+    TaskSpec("match", "classification"),
+    TaskSpec("tone", "classification"),
+]
+PRIMARY = {"area": "r2", "background": "macro_f1", "colors": "map", "match": "macro_f1", "tone": "macro_f1"}
+WEIGHTINGS = ["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
+
+
+def task_config(scratch: Path, name: str, tasks: list[dict]) -> Path:
+    path = scratch / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", help="weightings to run (single-task baselines always run)")
+    options = parser.parse_args()
+    variants = {f"single: {t.name}": [{"name": t.name, "type": t.type}] for t in TASKS}
+    for weighting in options.only or WEIGHTINGS:
+        variants[weighting] = weighting
+    variants["sum + deep supervision"] = [{"name": t.name, "type": t.type, "depths": [0, 1]} for t in TASKS]
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for name, spec in variants.items():
+            args = ["--train.epochs", str(options.epochs)]
+            if isinstance(spec, str):
+                args += ["--train.loss_weighting", spec]
+            else:
+                args = ["--config", str(task_config(scratch, name.replace(": ", "-").replace(" ", "_"), spec)), *args]
+            results[name] = []
+            for seed in options.seeds:
+                run = train_run([*args, "--train.seed", str(seed)], scratch / f"run-{len(results)}-{seed}")
+                results[name].append(run)
+                print(f"{name} seed {seed}: summary {run['best']['summary']:.3f}, {run['train_s_per_step']:.3f} s/step")
+    rows = summarise(results, options.seeds)
+    table = markdown(rows)
+    print(table)
+    (RESULTS / "mtl.md").write_text(table + "\n")
+    write_result("mtl", {"settings": vars(options), "rows": rows})
+
+
+def summarise(results: dict[str, list[dict]], seeds: list[int]) -> dict:
+    """Per variant: each task's primary metric (mean, std), delta-m against the single-task models, s/step."""
+    baselines = [{t.name: results[f"single: {t.name}"][i]["best"][t.name] for t in TASKS} for i in range(len(seeds))]
+    rows = {}
+    for name, runs in results.items():
+        row = {}
+        for task, metric in PRIMARY.items():
+            values = [r["best"][task][metric] for r in runs if task in r["best"]]
+            row[task] = mean_std(values) if values else None
+        if not name.startswith("single"):
+            # seed i of the shared model against seed i of the single-task models
+            row["delta_m"] = mean_std([delta_m(r["best"], baselines[i], TASKS) for i, r in enumerate(runs)])
+        row["s_per_step"] = mean_std([r["train_s_per_step"] for r in runs])
+        rows[name] = row
+    return rows
+
+
+def markdown(rows: dict) -> str:
+    lines = ["| model | " + " | ".join(f"{t} ({m})" for t, m in PRIMARY.items()) + " | delta-m (%) | s/step |",
+             "|" + " --- |" * (len(PRIMARY) + 3)]  # fmt: skip
+    for name, row in rows.items():
+        cells = [f"{row[t][0]:.3f} ± {row[t][1]:.3f}" if row[t] else "" for t in PRIMARY]
+        delta = f"{row['delta_m'][0]:+.2f} ± {row['delta_m'][1]:.2f}" if "delta_m" in row else "(baseline)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} | {row['s_per_step'][0]:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
