@@ -31,6 +31,7 @@ from mmfusion.losses import build_weighting
 from mmfusion.metrics import LOWER_IS_BETTER
 from mmfusion.model import FusionModel, atomic_directory, load_compatible, read_config
 from mmfusion.processing import FusionProcessor
+from mmfusion.report import write_report
 from mmfusion.training import (
     StopSignal,
     TrainerState,
@@ -255,6 +256,8 @@ def train(config: Config) -> int:
         for name, validation, test in (("best", state.best_metrics, test_metrics), ("final", state.last_metrics, None)):
             if (output_dir / name).is_dir():
                 (output_dir / name / "README.md").write_text(model_card(config, sizes, validation, test))
+    if cfg.report and accelerator.is_main_process:
+        log(f"report: {write_report(output_dir)}")
     log(
         f"done in {time.perf_counter() - start_time:.0f}s: best checkpoint {output_dir / 'best'} "
         f"(step {state.best_step}), final {final}, metrics in {metrics_file}\n"

@@ -4,6 +4,7 @@
     mmfusion predict runs/mine/best --image cat.jpg --text "a photo of a cat"
     mmfusion predict runs/mine/best --input rows.jsonl --output predictions.jsonl
     mmfusion inspect runs/mine/best
+    mmfusion report runs/mine
 
 CHECKPOINT is a directory written by train.py (`output_dir/best`, `output_dir/final`) or a Hugging Face Hub model
 id. Bad input (a missing file, an unseen label, a bad option value) prints `mmfusion <command>: error: <message>`
@@ -40,6 +41,7 @@ from .metrics import MultiTaskMetrics
 from .model import CONFIG_NAME, FusionModel
 from .predictor import Predictor, label_names
 from .processing import FusionProcessor
+from .report import Report
 from .training import make_loader
 
 Checkpoint = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
@@ -395,7 +397,7 @@ def metrics_line(metrics: dict) -> str:
 
 # ----- entry point -----
 
-COMMANDS = {"evaluate": Evaluate, "predict": Predict, "inspect": Inspect}
+COMMANDS = {"evaluate": Evaluate, "predict": Predict, "inspect": Inspect, "report": Report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ the numbers are also embedded as JSON in `<script type="application/json" id="re
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -144,15 +145,24 @@ class CheckpointResults:
     attention: list[viz.AttentionExample] = field(default_factory=list)
     attention_note: str = ""
 
+    def as_json(self) -> dict[str, Any]:
+        """The re-evaluated numbers: primary metric per task and condition, labelled confusion matrices."""
+        return {
+            "directory": str(self.directory),
+            "primary_metric": self.primary,
+            "modality": self.modality,
+            "confusion": {task: {"labels": self.labels[task], "matrix": m} for task, m in self.confusion.items()},
+        }
+
 
 class OneProcess:
     """What `evaluation.evaluate` needs of an Accelerator, for this process alone: the report never syncs with
     other processes (train.py writes it on the main process only), runs in float32 and moves batches itself."""
 
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
-    def gather_for_metrics(self, values):
+    def gather_for_metrics(self, values: Any) -> Any:
         return values
 
 
@@ -164,10 +174,11 @@ class ValidationRows:
     processor: FusionProcessor
     text_column: str
     device: torch.device
+    batch_size: int
 
-    def batches(self, batch_size: int, removed: tuple[str, ...] = ()):
+    def batches(self, removed: tuple[str, ...] = (), batch_size: int | None = None):
         """Batches on the device, with the modalities in `removed` marked absent (the model's placeholders)."""
-        loader = make_loader(self.dataset, batch_size, self.processor.settings.pad_id, False, 0)
+        loader = make_loader(self.dataset, batch_size or self.batch_size, self.processor.settings.pad_id, False, 0)
         start = 0
         for batch in loader:
             size = len(batch["row"])
@@ -196,8 +207,14 @@ class ValidationRows:
         return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
 
 
-def validation_rows(config: Config, model: FusionModel, processor: FusionProcessor, data_path: str | None,
-                    device: torch.device) -> ValidationRows:  # fmt: skip
+def validation_rows(
+    config: Config,
+    model: FusionModel,
+    processor: FusionProcessor,
+    data_path: str | None,
+    device: torch.device,
+    batch_size: int | None,
+) -> ValidationRows:
     """The run's validation split, checked and encoded with the checkpoint's processor and label maps (held out
     from train exactly as in training when the data has no validation split)."""
     if data_path is not None:
@@ -209,10 +226,11 @@ def validation_rows(config: Config, model: FusionModel, processor: FusionProcess
         )
     config.tasks = model.config.tasks
     dataset = prepare_data(config, processor, splits=("validation",)).datasets["validation"]
-    return ValidationRows(dataset, processor, config.data.text_column, device)
+    batch_size = batch_size or config.train.eval_batch_size  # as in training: the same padding, the same numbers
+    return ValidationRows(dataset, processor, config.data.text_column, device, batch_size)
 
 
-def modality_table(model: FusionModel, rows: ValidationRows, batch_size: int) -> tuple[dict, dict]:
+def modality_table(model: FusionModel, rows: ValidationRows) -> tuple[dict, dict]:
     """Each task's primary metric with both modalities, each one removed and both removed; and the confusion
     matrices of the pass with both."""
     tasks = model.config.tasks
@@ -220,7 +238,7 @@ def modality_table(model: FusionModel, rows: ValidationRows, batch_size: int) ->
     matrices = {}
     for condition, removed in REMOVED.items():
         results = MultiTaskMetrics(tasks)
-        metrics = evaluate(model, rows.batches(batch_size, removed), OneProcess(), tasks, metrics=results)
+        metrics = evaluate(model, rows.batches(removed), OneProcess(), tasks, metrics=results)
         for spec in tasks:
             table[spec.name][condition] = metrics[spec.name].get(PRIMARY_METRIC[spec.type][0])
         if condition == "both":
@@ -236,20 +254,26 @@ def batch_mistakes(spec: TaskSpec, logits: torch.Tensor, batch: dict, rows: Vali
     wrong = sorted(wrong, key=lambda i: -confidence[i].item())[:MISTAKES_SHOWN]
     names = label_names(spec)
     return [
-        viz.Mistake(rows.picture(batch, i), rows.caption(batch, i), names[int(target[i])], names[int(predicted[i])],
-                    confidence[i].item(), int(batch["row"][i]))
+        viz.Mistake(
+            rows.picture(batch, i),
+            rows.caption(batch, i),
+            names[int(target[i])],
+            names[int(predicted[i])],
+            confidence[i].item(),
+            int(batch["row"][i]),
+        )
         for i in wrong
-    ]  # fmt: skip
+    ]
 
 
 @torch.no_grad()
-def inspect_rows(model: FusionModel, rows: ValidationRows, batch_size: int):
+def inspect_rows(model: FusionModel, rows: ValidationRows):
     """One pass over the validation rows: each classification task's most confident errors, and the gate values
     of a gated fusion ([rows, dim], else None)."""
     tasks = [spec for spec in model.config.tasks if spec.type == "classification"]
     mistakes: dict[str, list[viz.Mistake]] = {spec.name: [] for spec in tasks}
     gates = []
-    for batch in rows.batches(batch_size):
+    for batch in rows.batches():
         output = model(**model_inputs(batch))
         if "gate" in output.extras:
             gates.append(output.extras["gate"].float().cpu())
@@ -278,7 +302,7 @@ def chosen_words(tokens: list[str], weights: torch.Tensor) -> list[int]:
 def attention_examples(model: FusionModel, rows: ValidationRows) -> tuple[list[viz.AttentionExample], str]:
     """Cross-attention: for the first validation images, chosen words' attention over the image patches (last
     fusion layer, mean over heads); and a note on what is shown (or why nothing is)."""
-    batch = next(rows.batches(ATTENTION_IMAGES))
+    batch = next(rows.batches(batch_size=ATTENTION_IMAGES))
     layers = model(**model_inputs(batch), output_attentions=True).extras["text_to_image_attention"]
     weights = layers[-1].float().mean(1).cpu()  # [B, T, P]
     patches = weights.shape[-1]
@@ -296,13 +320,14 @@ def attention_examples(model: FusionModel, rows: ValidationRows) -> tuple[list[v
     return examples, f"last of {len(layers)} fusion layers, mean over {heads} heads, {side}x{side} image patches"
 
 
-def evaluate_checkpoint(directory: Path, config: Config, data_path: str | None, batch_size: int,
-                        device: torch.device) -> CheckpointResults:  # fmt: skip
+def evaluate_checkpoint(
+    directory: Path, config: Config, data_path: str | None, batch_size: int | None, device: torch.device
+) -> CheckpointResults:
     """Re-evaluate a checkpoint on the run's validation split for the report's checkpoint sections."""
     model = FusionModel.from_pretrained(directory).to(device).eval()
-    rows = validation_rows(config, model, FusionProcessor.from_pretrained(directory), data_path, device)
-    table, matrices = modality_table(model, rows, batch_size)
-    mistakes, gates = inspect_rows(model, rows, batch_size)
+    rows = validation_rows(config, model, FusionProcessor.from_pretrained(directory), data_path, device, batch_size)
+    table, matrices = modality_table(model, rows)
+    mistakes, gates = inspect_rows(model, rows)
     tasks = model.tasks
     results = CheckpointResults(
         directory=directory,
@@ -339,7 +364,6 @@ class ReportData:
 
     def as_json(self) -> dict[str, Any]:
         """The logged records (deduplicated), the best step and the checkpoint's re-evaluated numbers."""
-        checkpoint = self.checkpoint
         return {
             "run_dir": str(self.run_dir),
             "best_metric": self.config.train.best_metric,
@@ -347,18 +371,17 @@ class ReportData:
             "train": self.history.train,
             "validation": self.history.validation,
             "test": self.history.test,
-            "checkpoint": None if checkpoint is None else {
-                "directory": str(checkpoint.directory),
-                "primary_metric": checkpoint.primary,
-                "modality": checkpoint.modality,
-                "confusion": {task: {"labels": checkpoint.labels[task], "matrix": m}
-                              for task, m in checkpoint.confusion.items()},
-            },
-        }  # fmt: skip
+            "checkpoint": None if self.checkpoint is None else self.checkpoint.as_json(),
+        }
 
 
-def collect(run_dir: Path, checkpoint: str = "best", data_path: str | None = None, batch_size: int = 64,
-            device: str | None = None) -> ReportData:  # fmt: skip
+def collect(
+    run_dir: Path,
+    checkpoint: str = "best",
+    data_path: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> ReportData:
     """Read the run's files and re-evaluate its checkpoint (sections that need it are skipped, with the reason,
     when the checkpoint directory is not there)."""
     if not run_dir.is_dir():
@@ -376,8 +399,13 @@ def collect(run_dir: Path, checkpoint: str = "best", data_path: str | None = Non
     return data
 
 
-def write_report(run_dir: Path, checkpoint: str = "best", data_path: str | None = None, batch_size: int = 64,
-                 device: str | None = None) -> Path:  # fmt: skip
+def write_report(
+    run_dir: Path,
+    checkpoint: str = "best",
+    data_path: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> Path:
     """Write RUN_DIR/report.html (self-contained) and its figures as RUN_DIR/report/*.png; returns the page."""
     run_dir = Path(run_dir)
     data = collect(run_dir, checkpoint, data_path, batch_size, device)
@@ -427,8 +455,9 @@ def table(headers: list[str], rows: list[list[Any]], numeric_from: int = 1) -> s
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = ""
     for row in rows:
-        cells = [f"<td>{esc(v)}</td>" if i < numeric_from else f'<td class="num">{number(v)}</td>'
-                 for i, v in enumerate(row)]  # fmt: skip
+        cells = [
+            f"<td>{esc(v)}</td>" if i < numeric_from else f'<td class="num">{number(v)}</td>' for i, v in enumerate(row)
+        ]
         body += "<tr>" + "".join(cells) + "</tr>\n"
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
@@ -471,8 +500,9 @@ def metric_rows(records: list[dict | None], tasks: list[TaskSpec]) -> list[list[
     rows = []
     for spec in tasks:
         names = list(dict.fromkeys(k for r in records if r for k in r.get(spec.name, {})))
-        rows += [[spec.name, viz.metric_label(n), *[(r or {}).get(spec.name, {}).get(n) for r in records]]
-                 for n in names]  # fmt: skip
+        rows += [
+            [spec.name, viz.metric_label(n), *[(r or {}).get(spec.name, {}).get(n) for r in records]] for n in names
+        ]
     rows.append(["summary", "mean primary metric", *[(r or {}).get("summary") for r in records]])
     return rows
 
@@ -493,10 +523,13 @@ def describe_model(config: Config) -> list[list[str]]:
         ["fusion", f"{model.fusion} (dim {model.dim}, {model.fusion_layers} layers{heads}, dropout {model.dropout})"],
         ["tasks", tasks],
         ["data", config.data.path],
-        ["training", f"{length}, batch size {train.batch_size} x {train.grad_accumulation} accumulation, lr "
-                     f"{train.lr:g} ({train.scheduler}, warmup {train.warmup_ratio:g}), loss weighting "
-                     f"{train.loss_weighting}, seed {train.seed}"],
-    ]  # fmt: skip
+        [
+            "training",
+            f"{length}, batch size {train.batch_size} x {train.grad_accumulation} accumulation, lr "
+            f"{train.lr:g} ({train.scheduler}, warmup {train.warmup_ratio:g}), loss weighting "
+            f"{train.loss_weighting}, seed {train.seed}",
+        ],
+    ]
 
 
 def header(data: ReportData) -> str:
@@ -584,8 +617,10 @@ def modality_section(data: ReportData, figure_dir: Path) -> str:
     if results is None:
         return section(title, note(data.checkpoint_note))
     headers = ["task", "primary metric", *CONDITIONS.values()]
-    rows = [[task, viz.metric_label(results.primary[task]), *(values[c] for c in CONDITIONS)]
-            for task, values in results.modality.items()]  # fmt: skip
+    rows = [
+        [task, viz.metric_label(results.primary[task]), *(values[c] for c in CONDITIONS)]
+        for task, values in results.modality.items()
+    ]
     body = (
         f"<p>{checkpoint_intro(results)} A removed input is replaced by the model's learned placeholder. "
         "A task that drops when the image is removed relies on the image, and likewise for the text.</p>"
@@ -674,11 +709,11 @@ class Report:
     """Checkpoint subdirectory of RUN_DIR to re-evaluate on the validation split (best or final)."""
     data_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
     """The run's data, when it is no longer at config.yaml's data.path."""
-    batch_size: int = 64
-    """Rows per batch of the re-evaluation."""
+    batch_size: Annotated[int | None, tyro.conf.arg(metavar="INT")] = None
+    """Rows per batch of the re-evaluation (default: the run's eval_batch_size, so its numbers match the log's)."""
 
     def run(self) -> int:
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:
             raise InputError(f"--batch_size must be > 0, got {self.batch_size}")
         page = write_report(Path(self.run_dir), self.checkpoint, self.data_path, self.batch_size)
         print(f"wrote {page} (figures in {page.parent / FIGURE_DIR})")

@@ -19,7 +19,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.patches import Patch
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from .metrics import LOWER_IS_BETTER
 
@@ -34,11 +35,11 @@ STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.3,
 }
-DPI = 110
+DPI = 100
 MARKED_POINTS = 60  # lines with at most this many points also get a marker per point
 BAR_FLOOR = -1.0  # modality bars (R² can be far below zero) are cut at this value
 ANNOTATED_CLASSES = 20  # confusion matrices up to this size print their counts in the cells
-METRIC_NAMES = {"r2": "R²", "mae": "MAE", "rmse": "RMSE", "map": "mAP", "auroc": "AUROC"}
+METRIC_NAMES = {"count": "labelled rows", "r2": "R²", "mae": "MAE", "rmse": "RMSE", "map": "mAP", "auroc": "AUROC"}
 
 
 @dataclass
@@ -104,9 +105,11 @@ def _series(records: Sequence[dict], *keys: str) -> np.ndarray:
 
 
 def _line(ax: Axes, steps: Sequence[int], values: np.ndarray, **style) -> None:
-    """A line over steps, with point markers when there are few points (a single point stays visible)."""
+    """A line over steps (whole-number ticks), with point markers when there are few points (so a single point
+    stays visible)."""
     marker = "o" if len(steps) <= MARKED_POINTS else None
     ax.plot(steps, values, marker=marker, markersize=3.5, **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _log_scale_if_wide(ax: Axes, values: np.ndarray) -> bool:
@@ -143,7 +146,8 @@ def training_curves(records: Sequence[dict], colors: dict[str, str], weighting: 
         _line(loss_ax, steps, values, color=colors[task], linewidth=1.4, label=task)
     log = _log_scale_if_wide(loss_ax, np.concatenate(everything))
     loss_ax.set(
-        title="Training loss (mean over each logging interval)", ylabel="loss" + (" (log scale)" if log else "")
+        title="Training loss (mean over each logging interval)",
+        ylabel="loss (nats; regression: MSE)" + (", log scale" if log else ""),
     )
     loss_ax.legend(ncols=2)
 
@@ -153,14 +157,20 @@ def training_curves(records: Sequence[dict], colors: dict[str, str], weighting: 
     lr_ax.set_ylim(bottom=0)
 
     _weight_lines(weight_ax, steps, records, tasks, colors)
-    weight_ax.set(title=f"Effective loss weight per task (loss_weighting: {weighting})",
-                  ylabel="weight (multiplies the task loss)", xlabel="optimizer step")  # fmt: skip
+    weight_ax.set(
+        title=f"Effective loss weight per task (loss_weighting: {weighting})",
+        ylabel="weight (multiplies the task loss)",
+        xlabel="optimizer step",
+    )
     weight_ax.set_ylim(bottom=0)
     weight_ax.legend(ncols=2)
 
     _line(speed_ax, steps, _series(records, "pairs_per_s"), color="tab:green", linewidth=1.6, label="throughput")
-    speed_ax.set(title="Training throughput (average since the start or resume)", ylabel="image-text pairs / s",
-                 xlabel="optimizer step")  # fmt: skip
+    speed_ax.set(
+        title="Training throughput (average since the start or resume)",
+        ylabel="image-text pairs / s",
+        xlabel="optimizer step",
+    )
     speed_ax.set_ylim(bottom=0)
     figure.suptitle("Training curves")
     return figure
@@ -240,8 +250,15 @@ def confusion_matrix(task: str, labels: Sequence[str], matrix: Sequence[Sequence
     if size <= ANNOTATED_CLASSES:
         for (row, column), count in np.ndenumerate(counts):
             color = "white" if shares[row, column] > 0.55 else "black"
-            ax.text(column, row, f"{count}\n{shares[row, column]:.0%}", ha="center", va="center", color=color,
-                    fontsize=10 if size <= 8 else 8)  # fmt: skip
+            ax.text(
+                column,
+                row,
+                f"{count}\n{shares[row, column]:.0%}",
+                ha="center",
+                va="center",
+                color=color,
+                fontsize=10 if size <= 8 else 8,
+            )
     figure.colorbar(image, ax=ax, label="share of the true label's rows", shrink=0.85)
     ax.set(xlabel="predicted label", ylabel="true label", title=f"{task}: confusion matrix\n{note}")
     return figure
@@ -252,29 +269,35 @@ def confusion_matrix(task: str, labels: Sequence[str], matrix: Sequence[Sequence
 
 @styled
 def modality_bars(table: dict[str, dict[str, float | None]], primary: dict[str, str], conditions: dict[str, str]):
-    """Grouped bars: per task, its primary metric under each input condition (`conditions`: key -> label)."""
+    """Grouped bars: per task, its primary metric under each input condition (`conditions`: key -> label).
+    Bars below BAR_FLOOR are cut there and hatched; every bar is labelled with its real value."""
     tasks = list(table)
-    figure = Figure(figsize=(max(7.0, 1.9 * len(tasks) + 3), 4.8), layout="constrained")
+    figure = Figure(figsize=(max(10.0, 1.9 * len(tasks) + 5), 4.8), layout="constrained")
     ax = figure.subplots()
     width = 0.8 / len(conditions)
     palette = ["#1b9e77", "#d95f02", "#7570b3", "#999999"]
-    clipped = False
+    clipped, legend = False, []
     for i, (key, label) in enumerate(conditions.items()):
         values = np.array([math.nan if table[task][key] is None else table[task][key] for task in tasks], dtype=float)
-        clipped |= bool(np.any(values < BAR_FLOOR))
+        cut = values < BAR_FLOOR
+        clipped |= bool(cut.any())
         offsets = np.arange(len(tasks)) + (i - (len(conditions) - 1) / 2) * width
-        bars = ax.bar(offsets, np.maximum(values, BAR_FLOOR), width, label=label, color=palette[i % len(palette)])
+        heights = np.nan_to_num(np.maximum(values, BAR_FLOOR), nan=0.0)
+        color = palette[i % len(palette)]
+        bars = ax.bar(offsets, heights, width, color=color)
+        legend.append(Patch(color=color, label=label))
+        for bar, is_cut in zip(bars, cut):
+            bar.set_hatch("//" if is_cut else None)
         ax.bar_label(bars, labels=[_bar_text(value) for value in values], fontsize=8, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
+    title = "Modality contributions: each task's primary metric as inputs are removed"
     if clipped:
-        ax.set_ylim(bottom=BAR_FLOOR - 0.1)
-        ax.text(0.01, 0.02, f"bars below {BAR_FLOOR:g} are cut there (their value is printed)",
-                transform=ax.transAxes, fontsize=9, color="0.3")  # fmt: skip
+        ax.set_ylim(bottom=BAR_FLOOR - 0.15)
+        title += f"\n(hatched bars are cut at {BAR_FLOOR:g}; their label is the real value)"
     ax.set_xticks(range(len(tasks)), [f"{task}\n({metric_label(primary[task])})" for task in tasks])
-    ax.set(xlabel="task (primary metric)", ylabel="primary metric on the validation split",
-           title="Modality contributions: each task's primary metric as inputs are removed")  # fmt: skip
+    ax.set(xlabel="task (primary metric)", ylabel="primary metric on the validation split", title=title)
     ax.grid(axis="x", visible=False)
-    ax.legend(title="inputs", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(handles=legend, title="inputs", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
@@ -294,13 +317,34 @@ def gate_histogram(gates: np.ndarray) -> Figure:
     all_ax, dim_ax, row_ax = figure.subplots(1, 3)
     unit_bins = np.linspace(0, 1, 41)
     panels = [
-        (all_ax, gates.ravel(), unit_bins, "tab:purple", f"Every gate value ({gates.shape[0]} rows x "
-         f"{gates.shape[1]} dims)", "gate value g (1: image only, 0: text only)", "count of (row, dimension)"),
-        (dim_ax, gates.mean(0), unit_bins, "tab:orange", "Each fused dimension's mean gate",
-         "mean gate value over the rows", "fused dimensions"),
-        (row_ax, gates.mean(1), 30, "tab:cyan", "Each validation row's mean gate (x axis zoomed)",
-         "mean gate value over the dimensions", "validation rows"),
-    ]  # fmt: skip
+        (
+            all_ax,
+            gates.ravel(),
+            unit_bins,
+            "tab:purple",
+            f"Every gate value ({gates.shape[0]} rows x {gates.shape[1]} dims)",
+            "gate value g (1: image only, 0: text only)",
+            "count of (row, dimension)",
+        ),
+        (
+            dim_ax,
+            gates.mean(0),
+            unit_bins,
+            "tab:orange",
+            "Each fused dimension's mean gate",
+            "mean gate value over the rows",
+            "fused dimensions",
+        ),
+        (
+            row_ax,
+            gates.mean(1),
+            30,
+            "tab:cyan",
+            "Each validation row's mean gate (x axis zoomed)",
+            "mean gate value over the dimensions",
+            "validation rows",
+        ),
+    ]
     for ax, values, bins, color, title, xlabel, ylabel in panels:
         ax.hist(values, bins=bins, color=color, alpha=0.85)
         ax.axvline(values.mean(), color="black", linestyle="--", label=f"mean {values.mean():.3f}")
@@ -327,8 +371,15 @@ def attention_maps(examples: Sequence[AttentionExample], layer_note: str) -> Fig
         overlay = None
         for ax, word, weights in zip(row_axes[1:], example.words, example.maps):
             ax.imshow(example.image, interpolation="nearest")
-            overlay = ax.imshow(weights, cmap="jet", alpha=0.5, vmin=0, vmax=top, interpolation="bilinear",
-                                extent=(-0.5, width - 0.5, height - 0.5, -0.5))  # fmt: skip
+            overlay = ax.imshow(
+                weights,
+                cmap="jet",
+                alpha=0.5,
+                vmin=0,
+                vmax=top,
+                interpolation="bilinear",
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+            )
             ax.set_title(f"“{word}”")
         for ax in row_axes:
             ax.set_xticks([])
@@ -338,8 +389,12 @@ def attention_maps(examples: Sequence[AttentionExample], layer_note: str) -> Fig
             ax.set_visible(False)
         if overlay is not None:
             patches = example.maps[0].size
-            figure.colorbar(overlay, ax=list(row_axes), shrink=0.8,
-                            label=f"attention weight (uniform: 1/{patches} = {1 / patches:.3f})")  # fmt: skip
+            figure.colorbar(
+                overlay,
+                ax=list(row_axes),
+                shrink=0.8,
+                label=f"attention weight (uniform: 1/{patches} = {1 / patches:.3f})",
+            )
     figure.suptitle(f"Cross-attention: where caption words look in the image ({layer_note})")
     return figure
 
@@ -352,17 +407,20 @@ def error_gallery(task: str, mistakes: Sequence[Mistake]) -> Figure:
     """The given wrongly classified rows: image, caption, true and predicted label with its probability."""
     columns = min(3, len(mistakes))
     rows = math.ceil(len(mistakes) / columns)
-    figure = Figure(figsize=(4.0 * columns, 5.4 * rows), layout="constrained")
+    title = f"{task}: the most confident errors on the validation split"
+    figure = Figure(figsize=(max(4.0 * columns, 0.12 * len(title) + 0.5), 5.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, mistake in zip(axes, mistakes):
         ax.imshow(mistake.image, interpolation="nearest")
-        ax.set_title(f"row {mistake.row}\ntrue: {mistake.true}\npredicted: {mistake.predicted} "
-                     f"(p = {mistake.probability:.2f})", fontsize=10)  # fmt: skip
+        ax.set_title(
+            f"row {mistake.row}\ntrue: {mistake.true}\npredicted: {mistake.predicted} (p = {mistake.probability:.2f})",
+            fontsize=10,
+        )
         ax.set_xlabel(textwrap.fill(mistake.caption, 40), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
     for ax in axes[len(mistakes) :]:
         ax.set_visible(False)
-    figure.suptitle(f"{task}: the most confident errors on the validation split")
+    figure.suptitle(title)
     return figure

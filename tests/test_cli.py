@@ -257,7 +257,9 @@ def test_missing_checkpoint_directory_exits_2_naming_it(capsys, tmp_path, monkey
     code, _, err = run(capsys, "inspect", missing)
     assert code == 2
     assert err.startswith("mmfusion inspect: error: ") and str(missing) in err
-    assert "neither a local directory nor a Hugging Face Hub model" in err
+    assert "checkpoint directory not found" in err  # a path, so not looked up as a Hub id
+    code, _, err = run(capsys, "inspect", "someone/no-such-model")
+    assert code == 2 and "neither a local directory nor a Hugging Face Hub model" in err
 
 
 def test_unknown_option_exits_2_with_tyros_message(capsys, checkpoint):

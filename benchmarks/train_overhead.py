@@ -1,0 +1,96 @@
+"""train.py's training loop against a plain hand-written PyTorch loop: same model, data, batches and optimizer.
+
+    python benchmarks/train_overhead.py [--steps 120] [--repeats 2]
+
+Both loops are timed between their 20th and last step (start-up, evaluation and saving excluded), alternating
+plain / mmfusion `--repeats` times in one run. Writes benchmarks/results/train_overhead.json with `ratio`
+(mmfusion pairs/s over plain pairs/s; the goal is >= 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, write_result
+
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from mmfusion.config import Config  # noqa: E402
+from mmfusion.data import model_inputs  # noqa: E402
+from mmfusion.model import FusionModel  # noqa: E402
+from mmfusion.training import build_optimizer, make_loader, prepare_data, set_cpu_threads  # noqa: E402
+
+WARMUP = 20
+BATCH = 32
+
+
+def plain_loop(steps: int) -> float:
+    """The loop a user would write: forward, loss.backward(), clip, AdamW step. Returns pairs/s."""
+    config = Config()
+    torch.manual_seed(0)
+    data = prepare_data(config)
+    config.model.tasks = data.tasks
+    model = FusionModel(config.model).train()
+    optimizer = build_optimizer(model, config.train)
+    loader = make_loader(data.datasets["train"], BATCH, data.processor.settings.pad_id, True, 0)
+    step, start = 0, None
+    while step < steps:
+        for batch in loader:
+            out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == WARMUP:
+                start = time.perf_counter()
+            if step == steps:
+                break
+    return (steps - WARMUP) * BATCH / (time.perf_counter() - start)
+
+
+def mmfusion_loop(steps: int) -> float:
+    """train.py itself, logging every step; pairs/s between the WARMUP-th and the last logged step."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    with tempfile.TemporaryDirectory() as out:
+        code = train.main(["--train.max_steps", str(steps), "--train.eval_every", str(10 * steps),
+                           "--train.save_every", str(10 * steps), "--train.log_every", "1", "--train.report", "false",
+                           "--train.batch_size", str(BATCH), "--train.output_dir", out])  # fmt: skip
+        assert code == 0
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["elapsed_s"] for r in records if r["split"] == "train"}
+    return (steps - WARMUP) * BATCH / (logged[steps] - logged[WARMUP])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=2)
+    options = parser.parse_args()
+    from accelerate import Accelerator
+
+    set_cpu_threads(Accelerator(), 0)  # the same threads as train.py gives itself
+    plain, ours = [], []
+    for _ in range(options.repeats):
+        plain.append(plain_loop(options.steps))
+        ours.append(mmfusion_loop(options.steps))
+        print(f"plain {plain[-1]:.1f} pairs/s, mmfusion {ours[-1]:.1f} pairs/s")
+    ratio = (sum(ours) / len(ours)) / (sum(plain) / len(plain))
+    print(f"ratio (mmfusion / plain) = {ratio:.3f}")
+    write_result("train_overhead", {"settings": {**vars(options), "batch_size": BATCH, "warmup_steps": WARMUP,
+                 "recipe": "default (configs/default.yaml)"}, "plain_pairs_per_s": plain,
+                 "mmfusion_pairs_per_s": ours, "ratio": ratio})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
