@@ -49,6 +49,9 @@ BACKGROUND_BASES = ((25, 30, 70), (25, 60, 35), (70, 25, 30), (45, 45, 50), (20,
 TEXTURE_LIFT = 45  # the texture colour is the base colour lifted by this much
 TONES = ("positive", "neutral", "negative")
 PERTURBABLE = ("color", "shape", "count", "position")
+# False captions differ in colour only by default: that comparison a small model learns within the 3-minute CPU
+# budget of the default training run; --mismatch adds shape, count and position for a harder task.
+DEFAULT_MISMATCH = ("color",)
 NULLABLE_COLUMNS = ("background", "tone", "area", "colors")
 NULL_RATE = 0.15
 
@@ -169,9 +172,10 @@ def sample_style(rng: np.random.Generator) -> Style:
     )
 
 
-def perturb(scene: Scene, style: Style, rng: np.random.Generator) -> Scene:
-    """Change exactly one caption-visible attribute (colour, shape, count or position) of one group."""
-    attributes = PERTURBABLE if style.mention_position else PERTURBABLE[:3]
+def perturb(scene: Scene, style: Style, rng: np.random.Generator, mismatch=DEFAULT_MISMATCH) -> Scene:
+    """Change exactly one caption-visible attribute (one of `mismatch`: colour, shape, count, position) of one
+    group; a position change only when the caption mentions positions."""
+    attributes = [a for a in mismatch if a != "position" or style.mention_position] or ["color"]
     attribute = pick(rng, attributes)
     while True:
         index = int(rng.integers(len(scene)))
@@ -306,7 +310,7 @@ def render_caption(scene: Scene, style: Style, rng: np.random.Generator) -> str:
     return pick(rng, TONE_FRAMES[style.tone]).format(b=body, B=body[0].upper() + body[1:])
 
 
-def make_example(seed: int, split: str, index: int) -> Example:
+def make_example(seed: int, split: str, index: int, mismatch=DEFAULT_MISMATCH) -> Example:
     """Generate row ``index`` of ``split``.
 
     A scene and a copy with one attribute changed form an unordered pair; the caption always describes one
@@ -317,7 +321,7 @@ def make_example(seed: int, split: str, index: int) -> Example:
     match = bool(rng.random() < 0.5)
     style = sample_style(rng)
     first = sample_scene(rng)
-    second = perturb(first, style, rng)
+    second = perturb(first, style, rng, mismatch)
     if rng.random() < 0.5:
         first, second = second, first
     image_scene = first if match else second
@@ -347,7 +351,7 @@ def metadata_line(row: dict) -> str:
     return json.dumps(row, sort_keys=True) + "\n"
 
 
-def write_split(out: Path, split: str, size: int, seed: int) -> None:
+def write_split(out: Path, split: str, size: int, seed: int, mismatch=DEFAULT_MISMATCH) -> None:
     """Write ``size`` rows of ``split`` under ``out/split``, replacing any earlier PNGs and metadata there."""
     directory = out / split
     directory.mkdir(parents=True, exist_ok=True)
@@ -355,7 +359,7 @@ def write_split(out: Path, split: str, size: int, seed: int) -> None:
         stale.unlink()
     lines = []
     for index in range(size):
-        example = make_example(seed, split, index)
+        example = make_example(seed, split, index, mismatch)
         (directory / example.row["file_name"]).write_bytes(png_bytes(example.image))
         lines.append(metadata_line(example.row))
     (directory / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
@@ -368,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     for split in SPLITS:
         parser.add_argument(f"--{split}", type=int, default=DEFAULT_SIZES[split], help=f"rows in the {split} split")
+    parser.add_argument("--mismatch", nargs="+", choices=PERTURBABLE, default=list(DEFAULT_MISMATCH),
+                        help="attributes a false caption may get wrong (default: color)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     for split in SPLITS:
-        write_split(args.out, split, getattr(args, split), args.seed)
+        write_split(args.out, split, getattr(args, split), args.seed, tuple(args.mismatch))
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
 
 
