@@ -100,6 +100,8 @@ def train(config: Config) -> int:
     model = FusionModel(config.model)
     if init:
         log(load_compatible(model, init))
+    if accelerator.device.type == "cuda":
+        model.use_channels_last()
     weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accumulation)

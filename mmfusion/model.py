@@ -65,8 +65,16 @@ class FusionModel(nn.Module):
                     {str(d): build_head(spec, config.dim, in_dims, config.dropout) for d in depths[:-1]}
                 )
         self.aux_scale = 1.0  # multiplies every deep-supervision weight; the trainer may schedule it
+        self.channels_last = False  # see use_channels_last
         for encoder, frozen in ((self.image_encoder, config.freeze_image), (self.text_encoder, config.freeze_text)):
             encoder.requires_grad_(not frozen)
+
+    def use_channels_last(self) -> FusionModel:
+        """NHWC memory layout for a CNN image encoder (faster convolutions on GPUs under mixed precision)."""
+        if not getattr(self.image_encoder, "is_vit", False):
+            self.image_encoder.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
 
     def _depths(self, spec: TaskSpec) -> list[int]:
         """The task's fusion depths as sorted non-negative indices, deepest last."""
@@ -115,6 +123,8 @@ class FusionModel(nn.Module):
     ) -> dict[str, EncoderOutput]:
         attention_mask = attention_mask.clone()
         attention_mask[:, 0] = 1  # an empty (absent) text still gets one position, so attention is never empty
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         image = self._fill_absent("image", self.image_encoder(pixel_values), image_present)
         text = self._fill_absent("text", self.text_encoder(input_ids, attention_mask), text_present)
         return {"image": image, "text": text}
