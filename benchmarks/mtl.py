@@ -1,5 +1,6 @@
 """Multi-task learning on the bundled sample data: one model per task against one shared model per loss
 weighting, with and without deep supervision, 3 seeds each, compared by delta-m (Maninis et al. 2019).
+Every model is the default recipe (configs/default.yaml); the shared models also carry its `pair` matching task.
 
     python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...]
 
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import RESULTS, mean_std, train_run, write_result
+from common import RESULTS, ROOT, mean_std, train_run, write_result
 
 from mmfusion.config import TaskSpec
 from mmfusion.metrics import delta_m
@@ -31,8 +32,10 @@ WEIGHTINGS = ["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagr
 
 
 def task_config(scratch: Path, name: str, tasks: list[dict]) -> Path:
+    """The default recipe (configs/default.yaml) with other tasks."""
+    recipe = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     path = scratch / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"tasks": tasks}))
+    path.write_text(yaml.safe_dump({**recipe, "tasks": tasks}))
     return path
 
 
@@ -45,7 +48,10 @@ def main() -> None:
     variants = {f"single: {t.name}": [{"name": t.name, "type": t.type}] for t in TASKS}
     for weighting in options.only or WEIGHTINGS:
         variants[weighting] = weighting
-    variants["sum + deep supervision"] = [{"name": t.name, "type": t.type, "depths": [0, 1]} for t in TASKS]
+    recipe_tasks = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["tasks"]
+    variants["sum + deep supervision"] = [
+        {**t, "depths": [0, 1]} if t["type"] != "matching" else t for t in recipe_tasks
+    ]
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

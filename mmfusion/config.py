@@ -265,7 +265,8 @@ class Config:
     """mmfusion training configuration."""
 
     config: str | None = None
-    """YAML file with the base configuration; command-line options override it."""
+    """YAML file with the base configuration; command-line options override it. Without --config and
+    --data.path, train.py uses configs/default.yaml (the bundled sample data's recipe)."""
     model: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskSpec] = field(default_factory=list)
@@ -342,11 +343,16 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
     """`--config file.yaml` (optional) then dotted overrides such as `--model.fusion gated`; exits 2 on errors."""
     argv = sys.argv[1:] if argv is None else list(argv)
     base = Config()
     path = _option_value(argv, "--config")
+    if path is None and _option_value(argv, "--data.path") is None and DEFAULT_RECIPE.is_file():
+        path = str(DEFAULT_RECIPE)
     if path is not None:
         try:
             base = load_yaml(path)

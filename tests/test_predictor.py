@@ -211,8 +211,15 @@ def test_hub_id_resolves_to_the_cached_snapshot_offline(offline_hub, checkpoint,
     assert from_hub.predict([images[0]], ["a cat"]) == local.predict([images[0]], ["a cat"])
 
 
-@pytest.mark.parametrize("name", ["someone/not-cached", "runs/nothing/here"])
-def test_unknown_checkpoint_is_a_checkpoint_error_naming_it(offline_hub, name):
-    with pytest.raises(CheckpointError, match="neither a local directory nor a Hugging Face Hub model") as error:
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("someone/not-cached", "neither a local directory nor a Hugging Face Hub model"),
+        ("runs/nothing/here", "checkpoint directory not found: runs/nothing/here"),  # a path, never a Hub id
+        ("./best", "checkpoint directory not found: ./best"),
+    ],
+)
+def test_unknown_checkpoint_is_a_checkpoint_error_naming_it(offline_hub, name, message):
+    with pytest.raises(CheckpointError, match=message) as error:
         resolve_checkpoint(name)
-    assert repr(name) in str(error.value)
+    assert name in str(error.value)

@@ -127,5 +127,6 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="tokenizer.json is not a valid tokenizer file"):
         FusionProcessor.from_pretrained(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="processor file missing: .*processor.json"):
-        FusionProcessor.from_pretrained(tmp_path / "nothing")
+        FusionProcessor.from_pretrained(tmp_path / "empty")

@@ -48,13 +48,14 @@ def test_default_recipe_on_the_bundled_data_for_a_few_steps(tmp_path, monkeypatc
     out = tmp_path / "run"
     assert _run(["--train.output_dir", str(out), "--train.max_steps", "3", "--train.report", "false"]) == 0
     printed = capsys.readouterr().out
-    assert "column 'match' (bool) -> classification task" in printed and "3,000 train / 500 validation" in printed
-    assert "evaluate with: mmfusion evaluate" in printed
+    assert "3,000 train / 500 validation" in printed and "evaluate with: mmfusion evaluate" in printed
+    resolved = (out / "config.yaml").read_text()
+    assert "configs/default.yaml" in resolved and "fusion: bilinear" in resolved  # the default recipe
     for name in ("best", "final"):
         assert {p.name for p in (out / name).iterdir()} >= {"config.json", "model.safetensors", "processor.json",
                                                             "tokenizer.json"}  # fmt: skip
     config = json.loads((out / "final" / "config.json").read_text())
-    assert {t["name"] for t in config["tasks"]} == {"area", "background", "colors", "match", "tone"}
+    assert {t["name"] for t in config["tasks"]} == {"area", "background", "colors", "match", "tone", "pair"}
     validation = _records(out, "validation")
     assert validation[-1]["step"] == 3 and set(validation[-1]) >= {"epoch", "summary", "match", "area"}
     assert _records(out, "test")[0]["checkpoint"] == "best"
