@@ -104,8 +104,11 @@ def train(config: Config) -> int:
         model.use_channels_last()
     weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.grad_accumulation)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    streaming = isinstance(train_set, torch.utils.data.IterableDataset)
+    if streaming and not cfg.max_steps:
+        raise InputError("--data.streaming true: a stream has no length, so give --train.max_steps")
+    epoch_batches = None if streaming else math.ceil(len(train_loader) / accelerator.num_processes)
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(epoch_batches / cfg.grad_accumulation)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
@@ -114,7 +117,8 @@ def train(config: Config) -> int:
     unwrapped = accelerator.unwrap_model(model)
     log(
         f"model: {unwrapped.num_parameters():,} parameters ({unwrapped.num_parameters(trainable_only=True):,} "
-        f"trainable); data: {len(train_set):,} train / {len(val_set):,} validation pairs; "
+        f"trainable); data: {'a stream of' if streaming else f'{len(train_set):,}'} train / "
+        f"{'a stream of' if streaming else f'{len(val_set):,}'} validation pairs; "
         f"{total_steps} steps of {cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation} pairs"
     )
 
@@ -168,7 +172,7 @@ def train(config: Config) -> int:
 
     # ---- the loop
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
-    start_step, running, running_batches = state.step, {}, 0
+    start_step, running, running_batches = state.step, 0, 0  # summed losses (tasks, then total) since the last log
     epoch = state.epoch
     done = state.step >= total_steps
     while not done:
@@ -199,8 +203,7 @@ def train(config: Config) -> int:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for name, value in [*out.task_losses.items(), ("loss", loss)]:
-                running[name] = running.get(name, 0) + value.detach().float()
+            running = running + torch.stack([*out.task_losses.values(), loss]).detach().float()  # one op, no sync
             running_batches += 1
             if not accelerator.sync_gradients:
                 continue
@@ -208,8 +211,8 @@ def train(config: Config) -> int:
             state.skipped_steps += int(accelerator.optimizer_step_was_skipped)
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                running = accelerator.reduce({k: v / running_batches for k, v in running.items()}, "mean")
-                logged = {k: float(v) for k, v in running.items()}
+                mean = accelerator.reduce(running / running_batches, "mean").tolist()
+                logged = dict(zip([*out.task_losses, "loss"], mean))
                 pairs = (state.step - start_step) * cfg.batch_size * cfg.grad_accumulation * accelerator.num_processes
                 speed = pairs / (time.perf_counter() - start_time)
                 lr = scheduler.get_last_lr()[-1]
@@ -217,8 +220,8 @@ def train(config: Config) -> int:
                 record({"step": state.step, "epoch": epoch, "split": "train", "losses": logged, "lr": lr,
                         "pairs_per_s": speed, "weights": weighting.last_weights()})  # fmt: skip
                 accelerator.log(_flat({"train": {**logged, "lr": lr, "pairs_per_s": speed}}), step=state.step)
-                running, running_batches = {}, 0
-            end_of_epoch = state.batches_in_epoch == len(train_loader)
+                running, running_batches = 0, 0
+            end_of_epoch = state.batches_in_epoch == epoch_batches
             done = state.step >= total_steps
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or done:
                 run_evaluation(epoch)

@@ -185,3 +185,12 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
         assert set(record["weights"]) == {"label", "score", "tags"}
         assert all(w >= 0 and w == w for w in record["weights"].values())  # finite, no NaN
         assert all(v == v for v in record["losses"].values())
+
+
+def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data.path", str(tiny_data), *TINY, "--data.streaming", "true", "--train.output_dir", str(out)]
+    assert _run(common) == 2 and "give --train.max_steps" in capsys.readouterr().err
+    assert _run([*common, "--train.max_steps", "4", "--train.eval_every", "2"]) == 0
+    validation = _records(out, "validation")
+    assert [r["step"] for r in validation] == [2, 4] and validation[-1]["label"]["count"] == 13
