@@ -194,3 +194,13 @@ def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):
     assert _run([*common, "--train.max_steps", "4", "--train.eval_every", "2"]) == 0
     validation = _records(out, "validation")
     assert [r["step"] for r in validation] == [2, 4] and validation[-1]["label"]["count"] == 13
+
+
+def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "2", "--train.log_every", "1",
+            "--train.report_to", "tensorboard", "--train.output_dir", str(out)]  # fmt: skip
+    assert _run(args) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
