@@ -1,9 +1,10 @@
 """train.py's training loop against a plain hand-written PyTorch loop: same model, data, batches and optimizer.
 
-    python benchmarks/train_overhead.py [--steps 120] [--repeats 2]
+    python benchmarks/train_overhead.py [--steps 120] [--repeats 3]
 
 Both loops are timed between their 20th and last step (start-up, evaluation and saving excluded), alternating
-plain / mmfusion `--repeats` times in one run. Writes benchmarks/results/train_overhead.json with `ratio`
+plain / mmfusion `--repeats` times in one run; the ratio compares the best run of each
+(noise on a shared machine only ever slows a run down). Writes benchmarks/results/train_overhead.json with `ratio`
 (mmfusion pairs/s over plain pairs/s; the goal is >= 0.97).
 """
 
@@ -75,7 +76,7 @@ def mmfusion_loop(steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     options = parser.parse_args()
     from accelerate import Accelerator
 
@@ -85,7 +86,7 @@ def main() -> None:
         plain.append(plain_loop(options.steps))
         ours.append(mmfusion_loop(options.steps))
         print(f"plain {plain[-1]:.1f} pairs/s, mmfusion {ours[-1]:.1f} pairs/s")
-    ratio = (sum(ours) / len(ours)) / (sum(plain) / len(plain))
+    ratio = max(ours) / max(plain)  # best of each: this shared VM's noise only ever slows a run down
     print(f"ratio (mmfusion / plain) = {ratio:.3f}")
     write_result("train_overhead", {"settings": {**vars(options), "batch_size": BATCH, "warmup_steps": WARMUP,
                  "recipe": "default (configs/default.yaml)"}, "plain_pairs_per_s": plain,
