@@ -35,6 +35,7 @@ from mmfusion.report import write_report
 from mmfusion.training import (
     StopSignal,
     TrainerState,
+    aux_scale,
     average_gradients,
     build_optimizer,
     build_scheduler,
@@ -183,6 +184,7 @@ def train(config: Config) -> int:
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in batches:
             seed_step(cfg.seed, epoch, state.batches_in_epoch, accelerator.process_index)
+            unwrapped.aux_scale = aux_scale(cfg.aux_schedule, state.step, total_steps)
             state.batches_in_epoch += 1
             with accelerator.accumulate(model), ddp_sync_disabled(accelerator, model, weighting):
                 out = model(**model_inputs(batch, ablate), labels=batch["labels"], label_mask=batch["label_mask"])

@@ -230,6 +230,8 @@ class TrainConfig:
     """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
     ablate: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
+    aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
+    """Deep-supervision weights over training: constant, or decaying to zero by the last step."""
     modality_dropout: float = 0.0
     """Probability of dropping the image or the text of a training sample."""
     seed: int = 0

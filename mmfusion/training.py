@@ -172,6 +172,16 @@ def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+def aux_scale(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of every deep-supervision loss at `step`: 1 throughout, or decaying from 1 to 0."""
+    progress = min(1.0, step / max(1, total_steps))
+    if schedule == "linear_decay":
+        return 1.0 - progress
+    if schedule == "cosine_decay":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def set_cpu_threads(accelerator, requested: int) -> None:
     """On CPU, use the physical cores (split among local processes) unless a thread count is requested."""
     if accelerator.device.type != "cpu":
