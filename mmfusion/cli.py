@@ -35,9 +35,9 @@ from .data import (
     load_dataset,
 )
 from .errors import BadInputError, DataError, InputError
-from .evaluation import evaluate
+from .evaluation import MODALITY_ABLATIONS, evaluate
 from .hub import resolve_checkpoint
-from .metrics import MultiTaskMetrics
+from .metrics import PRIMARY_METRIC, MultiTaskMetrics
 from .model import CONFIG_NAME, FusionModel
 from .predictor import Predictor, label_names
 from .processing import FusionProcessor
@@ -64,6 +64,8 @@ class Evaluate:
     """JSON file for the metrics, confusion matrices and skipped-row counts."""
     batch_size: int = 64
     """Rows per batch."""
+    modalities: bool = False
+    """Also evaluate with the image removed and with the text removed (the modality-contribution table)."""
 
     def run(self) -> int:
         problems = check_values(Config(data=self.data)) + _positive("--batch_size", self.batch_size)
@@ -78,17 +80,36 @@ class Evaluate:
         accelerator = Accelerator()
         loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, self.data.num_workers)
         results = MultiTaskMetrics(tasks)
-        metrics = evaluate(*accelerator.prepare(model, loader), accelerator, tasks, metrics=results)
+        model, loader = accelerator.prepare(model, loader)
+        metrics = evaluate(model, loader, accelerator, tasks, metrics=results)
         matrices = results.confusion_matrices()
+        ablations = {}
+        if self.modalities:
+            for modality in MODALITY_ABLATIONS:
+                ablations[f"without_{modality}"] = evaluate(model, loader, accelerator, tasks, remove=modality)
         if not accelerator.is_main_process:
             return 0
         print(f"{checkpoint} on the {split} split of {self.data.path}: {report.summary()}\n")
         print(format_metrics(metrics, tasks, matrices))
+        if ablations:
+            print("\n" + format_contributions({"both": metrics, **ablations}, tasks))
         if self.output:
             record = evaluation_record(str(checkpoint), split, metrics, tasks, matrices, report)
+            record.update(ablations)
             write_text(Path(self.output), json.dumps(record, indent=2) + "\n")
             print(f"\nwrote {self.output}")
         return 0
+
+
+def format_contributions(table: dict[str, dict], tasks: list[TaskSpec]) -> str:
+    """Each task's primary metric with both modalities, without the image and without the text."""
+    lines = [f"{'task (primary metric)':<32}" + "".join(f"{name:>16}" for name in table)]
+    for spec in tasks:
+        metric = PRIMARY_METRIC[spec.type][0]
+        values = [table[name].get(spec.name, {}).get(metric) for name in table]
+        cells = "".join(f"{v:>16.4f}" if v is not None else f"{'-':>16}" for v in values)
+        lines.append(f"{f'{spec.name} ({metric})':<32}{cells}")
+    return "\n".join(lines)
 
 
 def _positive(option: str, value: int) -> list[str]:

@@ -115,6 +115,18 @@ def test_evaluate_writes_the_metrics_of_evaluation_evaluate(capsys, checkpoint, 
     assert f"{reference['topic']['accuracy']:.4f}" in out
 
 
+def test_evaluate_modality_contribution_table(capsys, checkpoint, data_dir, tmp_path):
+    output = tmp_path / "metrics.json"
+    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", output,
+                         "--modalities")  # fmt: skip
+    assert code == 0, err
+    record = json.loads(output.read_text())
+    assert set(record) >= {"without_image", "without_text"}
+    assert record["without_image"]["topic"]["count"] == record["metrics"]["topic"]["count"]
+    assert record["without_image"]["topic"] != record["metrics"]["topic"]  # removing a modality changes outputs
+    assert "without_image" in out and "topic (macro_f1)" in out
+
+
 def test_evaluate_unseen_label_raises_or_is_skipped_and_counted(capsys, checkpoint, tmp_path):
     data = write_data(tmp_path / "data", ["cat", "dog", "zebra", "bird"])
     code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data)
