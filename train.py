@@ -174,6 +174,7 @@ def train(config: Config) -> int:
     # ---- the loop
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     start_step, running, running_batches = state.step, 0, 0  # summed losses (tasks, then total) since the last log
+    bad_loss, last_checked = torch.zeros((), dtype=torch.bool, device=accelerator.device), state.step
     epoch = state.epoch
     done = state.step >= total_steps
     while not done:
@@ -190,13 +191,11 @@ def train(config: Config) -> int:
                 out = model(**model_inputs(batch, ablate), labels=batch["labels"], label_mask=batch["label_mask"])
                 present = torch.stack([batch["label_mask"][name].any() for name in weighting.names])
                 loss = weighted_backward(accelerator, model, weighting, out, present, state.step)
-                if not torch.isfinite(loss) and accelerator.mixed_precision != "fp16":  # fp16: the scaler skips
+                if accelerator.mixed_precision != "fp16":  # fp16: the loss scaler skips such steps itself
+                    bad_loss = bad_loss | ~torch.isfinite(loss.detach())  # a device flag: no host sync per step
+                if accelerator.device.type == "cpu" and bad_loss:  # reading it is free on CPU, and names the batch
                     sources = "; ".join(train_set.describe(row) for row in batch["row"].tolist())
-                    raise FloatingPointError(
-                        f"non-finite loss at step {state.step + 1} (epoch {epoch}); task losses "
-                        f"{ {k: float(v.detach()) for k, v in out.task_losses.items()} }; batch: {sources}. "
-                        f"Training stopped; the last good checkpoint is in {output_dir / 'checkpoints'}"
-                    )
+                    _stop_non_finite(f"at step {state.step + 1} (epoch {epoch})", out, output_dir, sources)
                 if accelerator.sync_gradients:
                     average_gradients(accelerator, model, weighting)
                     if cfg.max_grad_norm > 0:
@@ -212,7 +211,16 @@ def train(config: Config) -> int:
             state.step += 1
             state.skipped_steps += int(accelerator.optimizer_step_was_skipped)
             progress.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
+            end_of_epoch = state.batches_in_epoch == epoch_batches
+            done = state.step >= total_steps
+            log_now = state.step % cfg.log_every == 0 or done
+            evaluate_now = done or (state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch)
+            save_now = state.step % cfg.save_every == 0 if cfg.save_every else end_of_epoch
+            if log_now or evaluate_now or save_now:  # the loop's sync points: on GPU the flag is read only here
+                if bad_loss:
+                    _stop_non_finite(f"between steps {last_checked + 1} and {state.step}", out, output_dir)
+                last_checked = state.step
+            if log_now:
                 mean = accelerator.reduce(running / running_batches, "mean").tolist()
                 logged = dict(zip([*out.task_losses, "loss"], mean))
                 pairs = (state.step - start_step) * cfg.batch_size * cfg.grad_accumulation * accelerator.num_processes
@@ -223,14 +231,12 @@ def train(config: Config) -> int:
                         "pairs_per_s": speed, "weights": weighting.last_weights()})  # fmt: skip
                 accelerator.log(_flat({"train": {**logged, "lr": lr, "pairs_per_s": speed}}), step=state.step)
                 running, running_batches = 0, 0
-            end_of_epoch = state.batches_in_epoch == epoch_batches
-            done = state.step >= total_steps
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or done:
+            if evaluate_now:
                 run_evaluation(epoch)
             if end_of_epoch:
                 weighting.end_epoch(accelerator)
                 epoch, state.epoch, state.batches_in_epoch = epoch + 1, epoch + 1, 0
-            if (cfg.save_every and state.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
+            if save_now:
                 _save_state(accelerator, model, output_dir, state, cfg, weighting)
             if stop.received is not None:
                 _save_state(accelerator, model, output_dir, state, cfg, weighting)
@@ -282,6 +288,15 @@ def _save_state(accelerator, model, output_dir: Path, state: TrainerState, cfg, 
     directory = save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints)
     if accelerator.is_main_process:
         weighting.save(directory)
+
+
+def _stop_non_finite(when: str, out, output_dir: Path, sources: str | None = None) -> None:
+    losses = {k: float(v.detach()) for k, v in out.task_losses.items()}
+    batch = f"; batch: {sources}" if sources else ""
+    raise FloatingPointError(
+        f"non-finite loss {when}; last task losses {losses}{batch}. "
+        f"Training stopped; the last good checkpoint is in {output_dir / 'checkpoints'}"
+    )
 
 
 def _best_value(metrics: dict, name: str) -> float:
