@@ -127,6 +127,57 @@ def test_a_task_without_labels_drops_out_without_nan(name):
     assert torch.isfinite(total) and total.item() == 0.0
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "cagrad", "gradnorm"])
+def test_an_overflowing_fp16_step_keeps_the_last_weights(name):
+    weighting = build_weighting(name, TASKS)
+    z = torch.randn(4, requires_grad=True)
+    losses = {"a": (z**2).sum(), "b": (3 * z).sum()}
+    weighting.observe(losses, BOTH, [z], ONE_PROCESS)
+    before = weighting.current.clone()
+    assert torch.isfinite(before).all() and before.sum() > 0
+    scaler = SimpleNamespace(get_scale=lambda: float("inf"))  # the loss scale at the moment gradients overflow
+    weighting.observe(losses, BOTH, [z], SimpleNamespace(**{**vars(ONE_PROCESS), "scaler": scaler}))
+    assert torch.equal(weighting.current, before)  # no NaN weights; the scaler skips this step anyway
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradnorm"])
+def test_with_gradient_accumulation_each_micro_batch_is_weighted_by_its_own_gradients(name):
+    from accelerate import Accelerator
+
+    from mmfusion import FusionModel
+    from mmfusion.training import weighted_backward
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_batch, tiny_config
+
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config("simple_cnn", "gru", "concat"))
+    batches = [tiny_batch(seed=0), tiny_batch(seed=1)]
+
+    def micro_step(accelerator, weighting, batch):
+        torch.manual_seed(batch["input_ids"].sum().item())  # the same dropout for a batch in both runs
+        out = model(**batch)
+        present = torch.stack([out.task_losses[n].detach() != 0 for n in weighting.names])
+        weighted_backward(accelerator, model, weighting, out, present, step=0)
+        return weighting.current.clone()
+
+    alone = SimpleNamespace(**vars(ONE_PROCESS), backward=lambda loss: loss.backward())
+    weighting, expected_weights, expected_grads = build_weighting(name, model.config.tasks), [], []
+    for batch in batches:  # each micro-batch on its own, from fresh gradients
+        model.zero_grad()
+        expected_weights.append(micro_step(alone, weighting, batch))
+        expected_grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+    model.zero_grad()
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    weighting = build_weighting(name, model.config.tasks)
+    weights = [micro_step(accelerator, weighting, batch) for batch in batches]
+    for got, want in zip(weights, expected_weights):
+        torch.testing.assert_close(got, want)
+    for parameter, first, second in zip(model.parameters(), *expected_grads):
+        if first is not None:  # accelerate divides each micro-batch's loss by the accumulation steps
+            torch.testing.assert_close(parameter.grad, (first + second) / 2, rtol=1e-4, atol=1e-6)
+
+
 def test_weighting_state_round_trips(tmp_path):
     weighting = build_weighting("dwa", TASKS)
     weighting({"a": torch.tensor(1.0), "b": torch.tensor(3.0)}, BOTH, step=0)
