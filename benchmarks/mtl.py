@@ -2,10 +2,11 @@
 weighting, with and without deep supervision, 3 seeds each, compared by delta-m (Maninis et al. 2019).
 Every model is the default recipe (configs/default.yaml); the shared models also carry its `pair` matching task.
 
-    python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...]
+    python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...] [--fusion gated]
 
 delta-m is the mean over tasks of the relative change of the task's validation metrics against its single-task
-model, signed so that higher is better (in %). Writes benchmarks/results/mtl.json and benchmarks/results/mtl.md.
+model, signed so that higher is better (in %). Writes benchmarks/results/mtl.json and mtl.md (mtl_FUSION.* with
+--fusion).
 """
 
 from __future__ import annotations
@@ -44,42 +45,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="*", help="weightings to run (single-task baselines always run)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "mtl_runs.jsonl",
-                        help="one line per finished run; runs already there are reused, so an interrupted "
-                        "benchmark continues where it stopped")  # fmt: skip
+    parser.add_argument("--only", nargs="*", choices=[*WEIGHTINGS, "deep_supervision"],
+                        help="multi-task variants to run (the single-task baselines always run)")  # fmt: skip
+    parser.add_argument("--fusion", help="another fusion than the recipe's, for every model (results get its name)")
+    parser.add_argument("--runs", type=Path, help="one line per finished run (default: results/NAME_runs.jsonl); "
+                        "runs already there are reused, so an interrupted benchmark continues")  # fmt: skip
     options = parser.parse_args()
+    name = f"mtl_{options.fusion}" if options.fusion else "mtl"
+    options.runs = options.runs or RESULTS / f"{name}_runs.jsonl"
     variants = {f"single: {t.name}": [{"name": t.name, "type": t.type}] for t in TASKS}
-    for weighting in options.only or WEIGHTINGS:
-        variants[weighting] = weighting
-    recipe_tasks = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["tasks"]
-    variants["sum + deep supervision"] = [
-        {**t, "depths": [0, 1]} if t["type"] != "matching" else t for t in recipe_tasks
-    ]
+    for variant in options.only or [*WEIGHTINGS, "deep_supervision"]:
+        if variant != "deep_supervision":
+            variants[variant] = variant
+    if not options.only or "deep_supervision" in options.only:
+        recipe_tasks = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["tasks"]
+        variants["sum + deep supervision"] = [
+            {**t, "depths": [0, 1]} if t["type"] != "matching" else t for t in recipe_tasks
+        ]
     results: dict[str, list[dict]] = {}
     finished = read_runs(options.runs, options.epochs)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        for name, spec in variants.items():
-            args = ["--train.epochs", str(options.epochs)]
+        for variant, spec in variants.items():
+            fusion = ["--model.fusion", options.fusion] if options.fusion else []
+            args = ["--train.epochs", str(options.epochs), *fusion]
             if isinstance(spec, str):
                 args += ["--train.loss_weighting", spec]
             else:
-                args = ["--config", str(task_config(scratch, name.replace(": ", "-").replace(" ", "_"), spec)), *args]
-            results[name] = []
+                config = task_config(scratch, variant.replace(": ", "-").replace(" ", "_"), spec)
+                args = ["--config", str(config), *args]
+            results[variant] = []
             for seed in options.seeds:
-                run = finished.get((name, seed))
+                run = finished.get((variant, seed))
                 if run is None:
                     run = train_run([*args, "--train.seed", str(seed)], scratch / f"run-{len(results)}-{seed}")
                     with options.runs.open("a") as runs:
-                        runs.write(json.dumps({"name": name, "seed": seed, "epochs": options.epochs, **run}) + "\n")
-                results[name].append(run)
-                print(f"{name} seed {seed}: summary {run['best']['summary']:.3f}, {run['train_s_per_step']:.3f} s/step")
+                        runs.write(json.dumps({"name": variant, "seed": seed, "epochs": options.epochs, **run}) + "\n")
+                results[variant].append(run)
+                summary, step_s = run["best"]["summary"], run["train_s_per_step"]
+                print(f"{variant} seed {seed}: summary {summary:.3f}, {step_s:.3f} s/step", flush=True)
     rows = summarise(results, options.seeds)
     table = markdown(rows)
     print(table)
-    (RESULTS / "mtl.md").write_text(table + "\n")
-    write_result("mtl", {"settings": vars(options), "rows": rows})
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    write_result(name, {"settings": {**vars(options), "runs": str(options.runs)}, "rows": rows})
 
 
 def read_runs(path: Path, epochs: int) -> dict[tuple[str, int], dict]:
