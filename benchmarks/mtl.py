@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -116,20 +117,20 @@ def summarise(results: dict[str, list[dict]], seeds: list[int]) -> dict:
             row["delta_m_without_match"] = mean_std(
                 [delta_m(r["best"], baselines[i], others) for i, r in enumerate(runs)]
             )
-        row["s_per_step"] = mean_std([r["train_s_per_step"] for r in runs])
+        row["s_per_step"] = statistics.median(r["train_s_per_step"] for r in runs)  # robust to a run slowed by load
         rows[name] = row
     return rows
 
 
 def markdown(rows: dict) -> str:
-    header = [f"{t} ({m})" for t, m in PRIMARY.items()] + ["delta-m (%)", "delta-m w/o match (%)", "s/step"]
+    header = [f"{t} ({m})" for t, m in PRIMARY.items()] + ["delta-m (%)", "delta-m w/o match (%)", "s/step (median)"]
     lines = ["| model | " + " | ".join(header) + " |",
              "|" + " --- |" * (len(PRIMARY) + 4)]  # fmt: skip
     for name, row in rows.items():
         cells = [f"{row[t][0]:.3f} ± {row[t][1]:.3f}" if row[t] else "" for t in PRIMARY]
         deltas = [f"{row[k][0]:+.2f} ± {row[k][1]:.2f}" if k in row else "(baseline)"
                   for k in ("delta_m", "delta_m_without_match")]  # fmt: skip
-        lines.append(f"| {name} | " + " | ".join(cells + deltas) + f" | {row['s_per_step'][0]:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells + deltas) + f" | {row['s_per_step']:.3f} |")
     return "\n".join(lines)
 
 
