@@ -1,12 +1,12 @@
 """Multi-task learning on the bundled sample data: one model per task against one shared model per loss
 weighting, with and without deep supervision, 3 seeds each, compared by delta-m (Maninis et al. 2019).
-Every model is the default recipe (configs/default.yaml); the shared models also carry its `pair` matching task.
+Every model is the default recipe (configs/default.yaml, or another fusion with --fusion); the shared models also
+carry its `pair` matching task; single-task and deep-supervision models sum their losses.
 
-    python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...] [--fusion gated]
+    python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...] [--fusion bilinear]
 
 delta-m is the mean over tasks of the relative change of the task's validation metrics against its single-task
-model, signed so that higher is better (in %). Writes benchmarks/results/mtl.json and mtl.md (mtl_FUSION.* with
---fusion).
+model, signed so that higher is better (in %). Writes benchmarks/results/mtl_FUSION.json and mtl_FUSION.md.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ PRIMARY = {"area": "r2", "background": "macro_f1", "colors": "map", "match": "ma
 WEIGHTINGS = ["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
+def recipe() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+
+
 def task_config(scratch: Path, name: str, tasks: list[dict]) -> Path:
-    """The default recipe (configs/default.yaml) with other tasks."""
-    recipe = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    """The default recipe (configs/default.yaml) with other tasks, their losses summed."""
+    values = recipe()
     path = scratch / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**recipe, "tasks": tasks}))
+    path.write_text(yaml.safe_dump({**values, "tasks": tasks, "train": {**values["train"], "loss_weighting": "sum"}}))
     return path
 
 
@@ -52,16 +56,15 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="one line per finished run (default: results/NAME_runs.jsonl); "
                         "runs already there are reused, so an interrupted benchmark continues")  # fmt: skip
     options = parser.parse_args()
-    name = f"mtl_{options.fusion}" if options.fusion else "mtl"
+    name = f"mtl_{options.fusion or recipe()['model']['fusion']}"
     options.runs = options.runs or RESULTS / f"{name}_runs.jsonl"
     variants = {f"single: {t.name}": [{"name": t.name, "type": t.type}] for t in TASKS}
     for variant in options.only or [*WEIGHTINGS, "deep_supervision"]:
         if variant != "deep_supervision":
             variants[variant] = variant
     if not options.only or "deep_supervision" in options.only:
-        recipe_tasks = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["tasks"]
         variants["sum + deep supervision"] = [
-            {**t, "depths": [0, 1]} if t["type"] != "matching" else t for t in recipe_tasks
+            {**t, "depths": [0, 1]} if t["type"] != "matching" else t for t in recipe()["tasks"]
         ]
     results: dict[str, list[dict]] = {}
     finished = read_runs(options.runs, options.epochs)
@@ -89,7 +92,7 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     (RESULTS / f"{name}.md").write_text(table + "\n")
-    write_result(name, {"settings": {**vars(options), "runs": str(options.runs)}, "rows": rows})
+    write_result(name, {"settings": {**vars(options), "runs": str(options.runs.relative_to(ROOT))}, "rows": rows})
 
 
 def read_runs(path: Path, epochs: int) -> dict[tuple[str, int], dict]:
