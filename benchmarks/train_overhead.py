@@ -22,7 +22,7 @@ from common import ROOT, write_result
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mmfusion.config import Config  # noqa: E402
+from mmfusion.config import parse_args  # noqa: E402
 from mmfusion.data import model_inputs  # noqa: E402
 from mmfusion.model import FusionModel  # noqa: E402
 from mmfusion.training import build_optimizer, make_loader, prepare_data, set_cpu_threads  # noqa: E402
@@ -33,7 +33,7 @@ BATCH = 32
 
 def plain_loop(steps: int) -> float:
     """The loop a user would write: forward, loss.backward(), clip, AdamW step. Returns pairs/s."""
-    config = Config()
+    config = parse_args([])  # the default recipe, as train.py resolves it
     torch.manual_seed(0)
     data = prepare_data(config)
     config.model.tasks = data.tasks
@@ -57,15 +57,17 @@ def plain_loop(steps: int) -> float:
 
 
 def mmfusion_loop(steps: int) -> float:
-    """train.py itself with its default logging (every 10 steps); pairs/s between step WARMUP and the last."""
+    """train.py itself with its default logging (every 10 steps) and summed losses, as the plain loop has; pairs/s
+    between step WARMUP and the last."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
     with tempfile.TemporaryDirectory() as out:
-        code = train.main(["--train.max_steps", str(steps), "--train.eval_every", str(10 * steps),
-                           "--train.save_every", str(10 * steps), "--train.log_every", "10", "--train.report", "false",
+        code = train.main(["--train.loss_weighting", "sum", "--train.max_steps", str(steps),
+                           "--train.eval_every", str(10 * steps), "--train.save_every", str(10 * steps),
+                           "--train.log_every", "10", "--train.report", "false",
                            "--train.batch_size", str(BATCH), "--train.output_dir", out])  # fmt: skip
         assert code == 0
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
