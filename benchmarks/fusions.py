@@ -1,10 +1,10 @@
 """Quality of every fusion on the bundled sample data (3 seeds), next to image-only and text-only baselines.
 
-    python benchmarks/fusions.py [--epochs 4] [--seeds 0 1 2]
+    python benchmarks/fusions.py [--epochs 4] [--seeds 0 1 2] [--loss-weighting sum]
 
-Each run is `train.py` on data/sample with one fusion; the table gives each task's primary validation metric at
-the best checkpoint (mean +- std over seeds), the summary, and the time to reach the best checkpoint. Writes
-benchmarks/results/fusions.json and benchmarks/results/fusions.md.
+Each run is `train.py` on data/sample (the default recipe; losses summed unless --loss-weighting) with one fusion;
+the table gives each task's primary validation metric at the best checkpoint (mean +- std over seeds), the
+summary, and the time to reach the best checkpoint. Writes benchmarks/results/fusions.json and fusions.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--loss-weighting", default="sum", help="train.loss_weighting of every run")
     options = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -36,7 +37,8 @@ def main() -> None:
             runs = []
             for seed in options.seeds:
                 out = Path(scratch) / f"{name.split()[0]}-{seed}"
-                runs.append(train_run([*args, "--train.epochs", str(options.epochs), "--train.seed", str(seed)], out))
+                settings = ["--train.epochs", str(options.epochs), "--train.loss_weighting", options.loss_weighting]
+                runs.append(train_run([*args, *settings, "--train.seed", str(seed)], out))
                 print(f"{name} seed {seed}: summary {runs[-1]['best']['summary']:.3f} in {runs[-1]['wall_s']:.0f}s")
             rows[name] = summarise(runs)
     table = markdown(rows)
