@@ -70,8 +70,8 @@ class FusionModel(nn.Module):
             encoder.requires_grad_(not frozen)
 
     def use_channels_last(self) -> FusionModel:
-        """NHWC memory layout for a CNN image encoder: faster convolutions on GPUs, and on CPU for simple_cnn
-        (training +14%, inference +50% at batch 32 here; benchmarks/throughput.py)."""
+        """NHWC memory layout for a CNN image encoder: faster convolutions on GPUs (and on CPU for simple_cnn:
+        training +14%, inference +50% at batch 32 here; benchmarks/throughput.py)."""
         if not getattr(self.image_encoder, "is_vit", False):
             self.image_encoder.to(memory_format=torch.channels_last)
             self.channels_last = True
