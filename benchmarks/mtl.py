@@ -70,8 +70,8 @@ def main() -> None:
     finished = read_runs(options.runs, options.epochs)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        fusion = ["--model.fusion", options.fusion] if options.fusion else []
         for variant, spec in variants.items():
-            fusion = ["--model.fusion", options.fusion] if options.fusion else []
             args = ["--train.epochs", str(options.epochs), *fusion]
             if isinstance(spec, str):
                 args += ["--train.loss_weighting", spec]

@@ -57,11 +57,11 @@ def resnet_minilm(batch_size: int):
                 "labels": {
                     "topic": torch.randint(0, 5, (batch_size,), generator=generator),
                     "score": torch.randn(batch_size, generator=generator),
-                },  # fmt: skip
+                },
                 "label_mask": {
                     "topic": torch.ones(batch_size, dtype=torch.bool),
                     "score": torch.ones(batch_size, dtype=torch.bool),
-                },  # fmt: skip
+                },
             }
 
     return FusionModel(config), TrainConfig(), batches()

@@ -199,10 +199,6 @@ def test_two_processes_compute_the_same_weights_and_apply_the_same_update(tmp_pa
         assert f"{name}: same weights and update on both processes" in result.stdout
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_deep_supervision_schedules():
     from mmfusion.training import aux_scale
 
@@ -210,3 +206,7 @@ def test_deep_supervision_schedules():
     assert [aux_scale("linear_decay", s, 10) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert aux_scale("cosine_decay", 0, 10) == 1.0 and aux_scale("cosine_decay", 10, 10) < 1e-12
     assert 0.49 < aux_scale("cosine_decay", 5, 10) < 0.51
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
