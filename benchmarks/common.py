@@ -31,8 +31,9 @@ def environment() -> dict:
 
 
 def write_result(name: str, result: dict) -> Path:
+    """Write results/NAME.json, or results/NAME_gpu.json on a CUDA machine, so GPU figures never replace CPU ones."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name}{'_gpu' if torch.cuda.is_available() else ''}.json"
     path.write_text(json.dumps({"environment": environment(), **result}, indent=2))
     print(f"wrote {path}")
     return path

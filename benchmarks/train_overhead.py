@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 from common import ROOT, write_result
 
 sys.path.insert(0, str(ROOT))
@@ -31,18 +32,27 @@ WARMUP = 20
 BATCH = 32
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def plain_loop(steps: int) -> float:
     """The loop a user would write: forward, loss.backward(), clip, AdamW step. Returns pairs/s."""
     config = parse_args([])  # the default recipe, as train.py resolves it
     torch.manual_seed(0)
     data = prepare_data(config)
     config.model.tasks = data.tasks
-    model = FusionModel(config.model).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = FusionModel(config.model).to(device).train()
+    if device.type == "cuda":
+        model.use_channels_last()  # as train.py does on GPU: the loops are compared, not the settings
     optimizer = build_optimizer(model, config.train)
     loader = make_loader(data.datasets["train"], BATCH, data.processor.settings.pad_id, True, 0)
     step, start = 0, None
     while step < steps:
         for batch in loader:
+            batch = send_to_device(batch, device, non_blocking=True)
             out = model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -50,8 +60,10 @@ def plain_loop(steps: int) -> float:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step == WARMUP:
+                synchronize(device)
                 start = time.perf_counter()
             if step == steps:
+                synchronize(device)
                 break
     return (steps - WARMUP) * BATCH / (time.perf_counter() - start)
 
