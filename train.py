@@ -72,7 +72,8 @@ def train(config: Config) -> int:
         gradient_accumulation_steps=cfg.grad_accumulation,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches (pinned on GPU machines) are copied to the device without the host waiting
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
     )
     log = accelerator.print

@@ -5,7 +5,8 @@
 Runs train.py (the default recipe, no evaluation or saving inside the window) under
 torch.cuda.set_sync_debug_mode("warn"), which warns at each operation that makes the host wait for the GPU, and
 counts the warnings by the line that raised them. A line with about one sync per step is a per-step stall; the goal
-is none outside logging. Without a CUDA device it says so and skips. Writes benchmarks/results/host_syncs_PRECISION_gpu.json.
+is none outside logging. Without a CUDA device it says so and skips.
+Writes benchmarks/results/host_syncs_PRECISION_gpu.json.
 """
 
 from __future__ import annotations

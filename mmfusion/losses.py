@@ -212,18 +212,31 @@ class GradientWeighting(LossWeighting):
         """Weights of the tasks `index` (those with a gradient) from their Gramian and losses."""
         raise NotImplementedError
 
+    def combination(self, gramian: torch.Tensor, losses: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Every task's weight (0 where not `active`). Here from the active tasks' sub-Gramian, which torchjd's
+        solvers need: selecting it reads `active` on the host."""
+        weights = torch.zeros_like(self.current)
+        if active.any():
+            index = active.nonzero().flatten()
+            weights[index] = self.gramian_weights(gramian[index][:, index], losses[index], index).to(weights)
+        return weights
+
     def observe(self, task_losses: dict, present: torch.Tensor, shared: list[torch.Tensor], accelerator) -> None:
         """Set this step's weights from the gradients of each task's loss with respect to `shared`."""
         scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0  # fp16: unscale after
+        # An absent task's loss is an exact zero tied to the graph: its gradient is zero. On the parameters that
+        # gradient costs a backward pass, worth a host read of `present` to skip; on the representation it is
+        # cheap, and computing it keeps the step free of host-device syncs.
+        skip = ~present.cpu() if self.space == "parameters" else torch.zeros(len(self.names), dtype=torch.bool)
         rows = []
-        for name, is_present in zip(self.names, present.tolist()):
-            if not is_present:
+        for name, skipped in zip(self.names, skip.tolist()):
+            if skipped:
                 rows.append(torch.zeros(sum(t.numel() for t in shared), device=present.device))
                 continue
             grads = torch.autograd.grad(task_losses[name] * scale, shared, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).flatten().float() / scale
                                    for g, t in zip(grads, shared)]))  # fmt: skip
-        jacobian = torch.stack(rows)
+        jacobian = torch.where(present[:, None], torch.stack(rows), 0.0)
         multi = accelerator.num_processes > 1
         if self.space == "parameters":  # the same parameters everywhere: average the gradients, then the Gramian
             jacobian = accelerator.reduce(jacobian, "mean") if multi else jacobian
@@ -231,16 +244,11 @@ class GradientWeighting(LossWeighting):
         else:  # different samples per process: their Gramians add up
             gramian = jacobian @ jacobian.T
             gramian = accelerator.reduce(gramian, "sum") if multi else gramian
-        if not torch.isfinite(gramian).all():
-            return  # an fp16 overflow: keep the last weights; the loss scaler skips this step
-        active = gramian.diagonal() > 0
-        weights = torch.zeros_like(self.current)
-        if active.any():
-            losses = torch.stack([task_losses[n].detach().float() for n in self.names])
-            losses = accelerator.reduce(losses, "mean") if multi else losses
-            index = active.nonzero().flatten()
-            weights[index] = self.gramian_weights(gramian[index][:, index], losses[index], index).to(weights)
-        self.current = weights
+        finite = torch.isfinite(gramian).all()  # not finite: an fp16 overflow, which the loss scaler skips
+        losses = torch.stack([task_losses[n].detach().float() for n in self.names])
+        losses = accelerator.reduce(losses, "mean") if multi else losses
+        weights = self.combination(gramian, losses, (gramian.diagonal() > 0) & finite)
+        self.current = torch.where(finite, weights, self.current)  # an overflow keeps the last weights
 
     def task_weights(self, losses, present, step):
         return self.static * self.current
@@ -299,19 +307,23 @@ class GradNormWeighting(GradientWeighting):
         self.register_buffer("learned", torch.ones(len(tasks)))
         self.register_buffer("initial_loss", torch.zeros(len(tasks)))
 
-    def gramian_weights(self, gramian, losses, index):
-        norms = gramian.diagonal().sqrt()
-        start = self.initial_loss[index]
-        start = torch.where(start > 0, start, losses)  # a task's first loss is its reference
-        self.initial_loss[index] = start
+    def combination(self, gramian, losses, active):
+        """One GradNorm update over the active tasks, as masks rather than an index: no host-device sync."""
+        count = active.sum().clamp(min=1)
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return torch.where(active, values, 0.0).sum() / count
+
+        norms = gramian.diagonal().clamp(min=0).sqrt()
+        start = torch.where(self.initial_loss > 0, self.initial_loss, losses)  # a task's first loss: its reference
+        self.initial_loss = torch.where(active, start, self.initial_loss)
         rates = losses / start.clamp(min=1e-12)
-        learned = self.learned[index]
-        weighted = learned * norms
-        target = weighted.mean() * (rates / rates.mean()) ** self.alpha
-        learned = (learned - self.learning_rate * torch.sign(weighted - target)).clamp(min=1e-3)
-        learned = learned * len(learned) / learned.sum()
-        self.learned[index] = learned
-        return learned
+        weighted = self.learned * norms
+        target = mean(weighted) * (rates / mean(rates)) ** self.alpha
+        learned = (self.learned - self.learning_rate * torch.sign(weighted - target)).clamp(min=1e-3)
+        learned = learned * active.sum() / torch.where(active, learned, 0.0).sum()
+        self.learned = torch.where(active, learned, self.learned)
+        return torch.where(active, self.learned, 0.0)
 
 
 WEIGHTINGS = {

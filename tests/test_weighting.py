@@ -108,19 +108,49 @@ def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     torch.testing.assert_close(weighting.current.sum(), torch.tensor(2.0))
 
 
+def test_gradnorm_with_an_absent_task_updates_the_present_ones_as_if_alone():
+    three = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
+    with_absent, alone = build_weighting("gradnorm", three), build_weighting("gradnorm", [three[0], three[2]])
+    z = torch.ones(3, requires_grad=True)
+    for step in range(6):
+        a, c = (10 * z).sum() / (step + 1), (z**2).sum()  # a learns fast with a large gradient
+        with_absent.observe({"a": a, "b": (z * 0).sum(), "c": c}, torch.tensor([True, False, True]), [z], ONE_PROCESS)
+        alone.observe({"a": a, "c": c}, BOTH, [z], ONE_PROCESS)
+        torch.testing.assert_close(with_absent.current[[0, 2]], alone.current)
+        assert with_absent.current[1] == 0 and with_absent.learned[1] == 1 and with_absent.initial_loss[1] == 0
+    assert not torch.allclose(alone.current, torch.ones(2))  # the weights did move
+
+
+def test_gradnorm_never_reads_a_device_value_on_the_host():
+    """On the meta device every host read (.item(), bool(), nonzero) raises: GradNorm's step has none, so on GPU
+    it queues without waiting; PCGrad's solver does read (the check can fail)."""
+    z = torch.ones(3, device="meta", requires_grad=True)
+    present = torch.tensor([True, False], device="meta")
+    build_weighting("gradnorm", TASKS).to("meta").observe(
+        {"a": (z**2).sum(), "b": (z * 0).sum()}, present, [z], ONE_PROCESS
+    )
+    with pytest.raises(NotImplementedError, match="meta"):
+        build_weighting("pcgrad", TASKS).to("meta").observe(
+            {"a": (z**2).sum(), "b": (z * 0).sum()}, present, [z], ONE_PROCESS
+        )
+
+
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))
 def test_a_task_without_labels_drops_out_without_nan(name):
     weighting = build_weighting(name, TASKS)
     z = torch.randn(4, requires_grad=True)
-    losses = {"a": (z**2).sum(), "b": (z * 0).sum()}  # b has no labels: zero loss, zero gradient
-    present = torch.tensor([True, False])
+
+    def step_losses():  # b has no labels: zero loss, zero gradient
+        return {"a": (z**2).sum(), "b": (z * 0).sum()}
+
+    losses, present = step_losses(), torch.tensor([True, False])
     if weighting.needs_gradients:
         weighting.observe(losses, present, [z], ONE_PROCESS)
     total = weighting(losses, present, step=0)
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     assert weighting.weights[1] == 0 and weighting.weights[0] > 0
-    nothing = torch.tensor([False, False])
+    losses, nothing = step_losses(), torch.tensor([False, False])
     if weighting.needs_gradients:
         weighting.observe(losses, nothing, [z], ONE_PROCESS)
     total = weighting(losses, nothing, step=1)
