@@ -41,6 +41,7 @@ from mmfusion.training import (
     build_scheduler,
     ddp_sync_disabled,
     load_training_state,
+    loader_workers,
     make_loader,
     prepare_data,
     resolve_resume,
@@ -92,8 +93,9 @@ def train(config: Config) -> int:
     log(f"data: {data.report.summary()}")
     train_set, val_set = data.datasets["train"], data.datasets["validation"]
     pad_id = data.processor.settings.pad_id
-    train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, config.data.num_workers)
-    val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, config.data.num_workers)
+    workers = loader_workers(config.data.num_workers, accelerator.num_processes)
+    train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, workers)
+    val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, workers)
 
     # ---- model: fresh, or the compatible parts of a pretrained fusion checkpoint
     if init:

@@ -1,17 +1,22 @@
-"""Is the data loader ever the bottleneck? Loader pairs/s with 0, 1 and 2 workers beside the model's training
-consumption of the same batches (forward, backward, optimizer step on pre-loaded batches).
+"""Is the data loader ever the bottleneck? Loader pairs/s with 0, 1, 2 (and 4 on GPU) workers beside the model's
+training consumption of the same batches (forward, backward, optimizer step on pre-loaded batches on the device),
+then train.py end to end with each worker count, which decides `--data.num_workers`'s default.
 
-    python benchmarks/data_throughput.py [--batches 60]
+    python benchmarks/data_throughput.py [--batches 60] [--steps 60]
 
-Writes benchmarks/results/data_throughput.json.
+Writes benchmarks/results/data_throughput.json (data_throughput_gpu.json on a CUDA machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
-from common import write_result
+import torch
+from accelerate.utils import send_to_device
+from common import train_run, write_result
 
 from mmfusion.config import Config
 from mmfusion.data import model_inputs
@@ -33,8 +38,11 @@ def loader_rate(data, workers: int, batches: int) -> float:
 
 def training_rate(config: Config, data, batches: int) -> float:
     loader = make_loader(data.datasets["train"], BATCH, data.processor.settings.pad_id, True, 0)
-    cached = [batch for batch, _ in zip(loader, range(batches + 5))]
-    model = FusionModel(config.model).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cached = [send_to_device(batch, device) for batch, _ in zip(loader, range(batches + 5))]
+    model = FusionModel(config.model).to(device).train()
+    if device.type == "cuda":
+        model.use_channels_last()  # as train.py does
     optimizer = build_optimizer(model, config.train)
     start = None
     for i, batch in enumerate(cached):
@@ -43,18 +51,30 @@ def training_rate(config: Config, data, batches: int) -> float:
         model(**model_inputs(batch), labels=batch["labels"], label_mask=batch["label_mask"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return batches * BATCH / (time.perf_counter() - start)
+
+
+def train_py_rate(workers: int, steps: int) -> float:
+    """train.py's own pairs/s (the default recipe, summed losses) with `workers` loader processes."""
+    with tempfile.TemporaryDirectory() as out:
+        args = ["--train.max_steps", str(steps), "--train.loss_weighting", "sum", "--data.num_workers", str(workers)]
+        return BATCH / train_run(args, Path(out))["train_s_per_step"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="train.py steps per worker count")
     options = parser.parse_args()
     config = Config()
     data = prepare_data(config)
     config.model.tasks = data.tasks
-    rates = {f"loader_{w}_workers": loader_rate(data, w, options.batches) for w in (0, 1, 2)}
+    worker_counts = (0, 1, 2, 4) if torch.cuda.is_available() else (0, 1, 2)
+    rates = {f"loader_{w}_workers": loader_rate(data, w, options.batches) for w in worker_counts}
     rates["model_training"] = training_rate(config, data, options.batches)
+    rates.update({f"train_py_{w}_workers": train_py_rate(w, options.steps) for w in worker_counts})
     for name, rate in rates.items():
         print(f"{name:>20}: {rate:8.1f} pairs/s")
     verdict = min(v for k, v in rates.items() if k.startswith("loader")) / rates["model_training"]

@@ -79,7 +79,7 @@ def mmfusion_loop(steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         code = train.main(["--train.loss_weighting", "sum", "--train.max_steps", str(steps),
                            "--train.eval_every", str(10 * steps), "--train.save_every", str(10 * steps),
-                           "--train.log_every", "10", "--train.report", "false",
+                           "--train.log_every", "10", "--train.report", "false", "--data.num_workers", "0",
                            "--train.batch_size", str(BATCH), "--train.output_dir", out])  # fmt: skip
         assert code == 0
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -42,7 +42,7 @@ from .model import CONFIG_NAME, FusionModel
 from .predictor import Predictor, label_names
 from .processing import FusionProcessor
 from .report import Report
-from .training import make_loader
+from .training import loader_workers, make_loader
 
 Checkpoint = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
 SHOWN_SCORES = 10  # classes listed per task in a human-readable prediction
@@ -78,7 +78,8 @@ class Evaluate:
         split = SPLIT_ALIASES.get(self.split, self.split)
         dataset, report = load_split(self.data, split, processor, tasks)
         accelerator = Accelerator()
-        loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, self.data.num_workers)
+        workers = loader_workers(self.data.num_workers, accelerator.num_processes)
+        loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, workers)
         results = MultiTaskMetrics(tasks)
         model, loader = accelerator.prepare(model, loader)
         metrics = evaluate(model, loader, accelerator, tasks, metrics=results)

@@ -192,8 +192,9 @@ class DataConfig:
     """Texts are truncated to this many tokens (truncations are counted)."""
     augment: bool = True
     """Random crop and flip of training images (seeded by seed, epoch and index)."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    num_workers: int | None = None
+    """DataLoader worker processes per training process. Unset: 4 on a CUDA machine (at most its CPUs per process),
+    so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels are rejected as possible decompression bombs."""
 
@@ -426,7 +427,7 @@ def check_values(config: Config) -> list[str]:
         (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
         (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
         (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
-        (data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
+        (data.num_workers is None or data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
         (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),

@@ -101,6 +101,14 @@ def prepare_data(config: Config, processor: FusionProcessor | None = None, split
     return PreparedData(tasks, processor, datasets, report, notes)
 
 
+def loader_workers(requested: int | None, processes: int = 1) -> int:
+    """`--data.num_workers`, or when unset: 4 per process on a CUDA machine (at most the CPUs per process), 0 on
+    CPU, where a worker takes a core from the model (benchmarks/data_throughput.py measures both)."""
+    if requested is not None:
+        return requested
+    return min(4, (os.cpu_count() or 1) // processes) if torch.cuda.is_available() else 0
+
+
 def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
