@@ -102,6 +102,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--train.batch_size", "0"], "--train.batch_size must be > 0, got 0"),
         (["--train.lr", "-1"], "--train.lr must be > 0"),
         (["--model.fusion", "nope"], "invalid choice 'nope' for argument '--model.fusion'"),
+        (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
     ],
 )
 def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, message, capsys):
@@ -110,6 +111,17 @@ def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, 
         raise SystemExit(code)
     captured = capsys.readouterr()
     assert exit_info.value.code not in (0, None) and message in captured.err + captured.out + str(exit_info.value.code)
+
+
+def test_loader_workers_default_to_none_on_cpu_and_four_per_process_on_gpu(monkeypatch):
+    from mmfusion.config import parse_args
+    from mmfusion.training import loader_workers
+
+    assert parse_args([]).data.num_workers is None and parse_args(["--data.num_workers", "3"]).data.num_workers == 3
+    assert loader_workers(None) == 0 and loader_workers(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert loader_workers(None) == 4 and loader_workers(None, processes=8) == 2 and loader_workers(0) == 0
 
 
 def test_yaml_config_with_overrides_and_unknown_key(tiny_data, tmp_path):
