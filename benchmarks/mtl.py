@@ -6,7 +6,8 @@ carry its `pair` matching task; single-task and deep-supervision models sum thei
     python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...] [--fusion bilinear]
 
 delta-m is the mean over tasks of the relative change of the task's validation metrics against its single-task
-model, signed so that higher is better (in %). Writes benchmarks/results/mtl_FUSION.json and mtl_FUSION.md.
+model, signed so that higher is better (in %). Writes benchmarks/results/mtl_FUSION.json and mtl_FUSION.md, then
+mtl.json and mtl.md, which gather every fusion benchmarked so far.
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def main() -> None:
     print(table)
     (RESULTS / f"{name}.md").write_text(table + "\n")
     write_result(name, {"settings": {**vars(options), "runs": str(options.runs.relative_to(ROOT))}, "rows": rows})
+    write_summary()
+
+
+def write_summary() -> None:
+    """results/mtl.json and mtl.md: the results of every fusion benchmarked so far (each mtl_FUSION.json)."""
+    parts = {
+        path.stem.removeprefix("mtl_"): json.loads(path.read_text()) for path in sorted(RESULTS.glob("mtl_*.json"))
+    }
+    write_result("mtl", {"fusions": {fusion: {"settings": part["settings"], "rows": part["rows"]}
+                                     for fusion, part in parts.items()}})  # fmt: skip
+    sections = [f"## {fusion} fusion\n\n{markdown(part['rows'])}\n" for fusion, part in parts.items()]
+    (RESULTS / "mtl.md").write_text("\n".join(sections))
 
 
 def read_runs(path: Path, epochs: int) -> dict[tuple[str, int], dict]:
