@@ -104,8 +104,6 @@ def train(config: Config) -> int:
     model = FusionModel(config.model)
     if init:
         log(load_compatible(model, init))
-    if accelerator.device.type == "cuda":
-        model.use_channels_last()  # on CPU too it speeds simple_cnn up, but evaluate/report then differ in NCHW
     weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     streaming = isinstance(train_set, torch.utils.data.IterableDataset)

@@ -41,8 +41,6 @@ def training_rate(config: Config, data, batches: int) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cached = [send_to_device(batch, device) for batch, _ in zip(loader, range(batches + 5))]
     model = FusionModel(config.model).to(device).train()
-    if device.type == "cuda":
-        model.use_channels_last()  # as train.py does
     optimizer = build_optimizer(model, config.train)
     start = None
     for i, batch in enumerate(cached):

@@ -76,8 +76,6 @@ def profile_steps(model, train_config, batches, steps: int, device: torch.device
     """Wall-clock milliseconds per phase (on GPU each phase ends with a synchronize, so its time includes the
     GPU's work) and the operators with the most self time (device time on GPU)."""
     model.to(device).train()
-    if device.type == "cuda":
-        model.use_channels_last()  # as train.py does on GPU
     optimizer = build_optimizer(model, train_config)
     cuda = device.type == "cuda"
 

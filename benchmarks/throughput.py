@@ -79,9 +79,8 @@ def batch_of(model: FusionModel, size: int, length: int, device: torch.device) -
 
 def measure(model, batch, dtype, device, train: bool, channels_last: bool, compiled: bool, repeats: int) -> dict:
     """Pairs/s (best of `repeats` after one warm-up) and peak memory (MiB) of training or inference steps."""
-    model = model.to(device).train(train)
+    model = model.to(device).train(train).use_channels_last(channels_last)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         batch = {**batch, "pixel_values": batch["pixel_values"].contiguous(memory_format=torch.channels_last)}
     step_model = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)

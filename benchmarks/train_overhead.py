@@ -45,8 +45,6 @@ def plain_loop(steps: int) -> float:
     config.model.tasks = data.tasks
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = FusionModel(config.model).to(device).train()
-    if device.type == "cuda":
-        model.use_channels_last()  # as train.py does on GPU: the loops are compared, not the settings
     optimizer = build_optimizer(model, config.train)
     loader = make_loader(data.datasets["train"], BATCH, data.processor.settings.pad_id, True, 0)
     step, start = 0, None

@@ -87,6 +87,25 @@ def _with_labels(batch: dict, **replace) -> dict:
     return {**batch, "labels": {**batch["labels"], **replace}}
 
 
+def test_cnn_encoders_run_channels_last_everywhere_and_agree_with_nchw(tmp_path):
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config("simple_cnn", "gru", "concat")).eval()
+    conv = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert model.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = _inputs(tiny_batch())
+    with torch.no_grad():
+        nhwc = model(**batch).logits
+        model.save_pretrained(tmp_path / "ckpt")
+        loaded = FusionModel.from_pretrained(tmp_path / "ckpt").eval()  # what evaluate, report and predict load
+        assert loaded.channels_last and next(
+            m for m in loaded.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)
+        ).weight.is_contiguous(memory_format=torch.channels_last)
+        _assert_logits_close(loaded(**batch).logits, nhwc, atol=0)
+        nchw = model.use_channels_last(False)(**batch).logits
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_logits_close(nchw, nhwc)  # the layout changes speed, not results (beyond float rounding)
+
+
 def test_deep_supervision_heads_only_in_training_loss():
     model = _build("simple_cnn", "gru", "concat", None)  # topic has heads at depths 0 and 1 (dropout 0)
     batch = tiny_batch()
