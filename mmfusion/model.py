@@ -72,8 +72,8 @@ class FusionModel(nn.Module):
 
     def use_channels_last(self, enabled: bool = True) -> FusionModel:
         """NHWC memory layout for a CNN image encoder, on by default: faster convolutions on GPUs (1.3-1.5x in
-        training) and on CPU (simple_cnn 1.2x training / 1.5x inference; resnet, efficientnet, convnext 1.0-1.2x).
-        Training, evaluation and prediction all run it, so their outputs agree exactly. ViTs are left as they are."""
+        training) and on CPU (1.0-1.16x training, 1.0-1.33x inference; benchmarks/channels_last.py). Training,
+        evaluation and prediction all run it, so their outputs agree exactly. ViTs are left as they are."""
         if not getattr(self.image_encoder, "is_vit", False):
             self.image_encoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
             self.channels_last = enabled
