@@ -9,10 +9,8 @@ FusionModel's default layout (channels_last for CNNs). Writes benchmarks/results
 
 from __future__ import annotations
 
-import time
-
 import torch
-from common import write_result
+from common import best_seconds, write_result
 
 from mmfusion import FusionConfig, FusionModel, TaskSpec
 
@@ -49,16 +47,7 @@ def pairs_per_s(encoder: str, size: int, batch_size: int, channels_last: bool, d
     result = {}
     for mode, step in (("train", train), ("inference", infer)):
         step()
-        best = float("inf")
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        result[mode] = batch_size / best
+        result[mode] = batch_size / best_seconds(step, 3, device)
     return result
 
 

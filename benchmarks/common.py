@@ -42,6 +42,23 @@ def write_result(name: str, result: dict) -> Path:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def best_seconds(step, repeats: int, device: torch.device) -> float:
+    """The fastest of `repeats` calls of `step` (timed to the GPU's completion on CUDA). Call it once first to
+    warm up: noise on a shared machine only ever slows a call down, so the minimum is the figure to compare."""
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def train_run(args: list[str], output_dir: Path) -> dict:
     """Run train.py in a fresh process; return its best validation record, time to reach it, and step time."""
     import subprocess

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import psutil
 import torch
-from common import write_result
+from common import best_seconds, write_result
 
 from mmfusion import FusionConfig, FusionModel, TaskSpec
 
@@ -102,15 +101,7 @@ def measure(model, batch, dtype, device, train: bool, channels_last: bool, compi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+    best = best_seconds(step, repeats, device)
     memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
               max(0, peak_rss() - rss_before)) / 2**20  # fmt: skip
     return {"pairs_per_s": len(batch["pixel_values"]) / best, "peak_memory_mib": memory}
