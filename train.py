@@ -93,7 +93,7 @@ def train(config: Config) -> int:
     log(f"data: {data.report.summary()}")
     train_set, val_set = data.datasets["train"], data.datasets["validation"]
     pad_id = data.processor.settings.pad_id
-    workers = loader_workers(config.data.num_workers, accelerator.num_processes)
+    workers = loader_workers(config.data, accelerator)
     train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, workers)
     val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, workers)
 

@@ -78,7 +78,7 @@ class Evaluate:
         split = SPLIT_ALIASES.get(self.split, self.split)
         dataset, report = load_split(self.data, split, processor, tasks)
         accelerator = Accelerator()
-        workers = loader_workers(self.data.num_workers, accelerator.num_processes)
+        workers = loader_workers(self.data, accelerator)
         loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, workers)
         results = MultiTaskMetrics(tasks)
         model, loader = accelerator.prepare(model, loader)

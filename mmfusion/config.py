@@ -193,8 +193,8 @@ class DataConfig:
     augment: bool = True
     """Random crop and flip of training images (seeded by seed, epoch and index)."""
     num_workers: int | None = None
-    """DataLoader worker processes per training process. Unset: 4 on a CUDA machine (at most its CPUs per process),
-    so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores."""
+    """DataLoader worker processes per training process. Unset: 4 on a CUDA device (at most its CPUs per process),
+    so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores, and for streams."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels are rejected as possible decompression bombs."""
 
@@ -428,6 +428,11 @@ def check_values(config: Config) -> list[str]:
         (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
         (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
         (data.num_workers is None or data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
+        (
+            not (data.streaming and data.num_workers),
+            "--data.num_workers must be 0 with --data.streaming true: a stream is read in the main process, "
+            "where its row numbers and skipped-row counts are kept",
+        ),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
         (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),

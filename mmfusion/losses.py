@@ -192,6 +192,16 @@ class GeometricLossStrategy(LossWeighting):
         return total if bool(present.any()) else (losses * 0).sum()
 
 
+def loss_scale(accelerator) -> torch.Tensor | float:
+    """The fp16 loss scale (1 without a scaler), as the scaler's device tensor once it has one: reading it as a
+    number (`get_scale()`) would make the host wait for the GPU at every step."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return 1.0
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None  # torch's GradScaler
+    return scale if scale is not None else scaler.get_scale()
+
+
 class GradientWeighting(LossWeighting):
     """Weights from the per-task gradients (PCGrad, MGDA, CAGrad via torchjd's weightings; GradNorm).
 
@@ -223,7 +233,7 @@ class GradientWeighting(LossWeighting):
 
     def observe(self, task_losses: dict, present: torch.Tensor, shared: list[torch.Tensor], accelerator) -> None:
         """Set this step's weights from the gradients of each task's loss with respect to `shared`."""
-        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0  # fp16: unscale after
+        scale = loss_scale(accelerator)  # fp16: the task gradients are taken scaled, as the backward's are
         # An absent task's loss is an exact zero tied to the graph: its gradient is zero. On the parameters that
         # gradient costs a backward pass, worth a host read of `present` to skip; on the representation it is
         # cheap, and computing it keeps the step free of host-device syncs.

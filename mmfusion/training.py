@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, TaskSpec, TrainConfig
+from .config import Config, DataConfig, TaskSpec, TrainConfig
 from .data import (
     Collator,
     FusionDataset,
@@ -101,12 +101,17 @@ def prepare_data(config: Config, processor: FusionProcessor | None = None, split
     return PreparedData(tasks, processor, datasets, report, notes)
 
 
-def loader_workers(requested: int | None, processes: int = 1) -> int:
-    """`--data.num_workers`, or when unset: 4 per process on a CUDA machine (at most the CPUs per process), 0 on
-    CPU, where a worker takes a core from the model (benchmarks/data_throughput.py measures both)."""
-    if requested is not None:
-        return requested
-    return min(4, (os.cpu_count() or 1) // processes) if torch.cuda.is_available() else 0
+def loader_workers(data: DataConfig, accelerator) -> int:
+    """`--data.num_workers`, or when unset: 4 per process on a CUDA device (at most the CPUs this process may use,
+    shared among the machine's processes); 0 on CPU, where a worker takes a core from the model
+    (benchmarks/data_throughput.py measures both); 0 for a stream, which is read in the main process."""
+    if data.num_workers is not None:
+        return data.num_workers
+    if data.streaming or accelerator.device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return min(4, cpus // max(1, local_processes))
 
 
 def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:

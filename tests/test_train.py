@@ -103,6 +103,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--train.lr", "-1"], "--train.lr must be > 0"),
         (["--model.fusion", "nope"], "invalid choice 'nope' for argument '--model.fusion'"),
         (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
+        (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
     ],
 )
 def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, message, capsys):
@@ -113,15 +114,24 @@ def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, 
     assert exit_info.value.code not in (0, None) and message in captured.err + captured.out + str(exit_info.value.code)
 
 
-def test_loader_workers_default_to_none_on_cpu_and_four_per_process_on_gpu(monkeypatch):
+def test_loader_workers_default_to_zero_on_cpu_and_for_streams_and_four_per_process_on_gpu(monkeypatch):
+    from types import SimpleNamespace
+
     from mmfusion.config import parse_args
     from mmfusion.training import loader_workers
 
-    assert parse_args([]).data.num_workers is None and parse_args(["--data.num_workers", "3"]).data.num_workers == 3
-    assert loader_workers(None) == 0 and loader_workers(3) == 3
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert loader_workers(None) == 4 and loader_workers(None, processes=8) == 2 and loader_workers(0) == 0
+    def machine(device: str, processes: int = 1):
+        return SimpleNamespace(device=torch.device(device), num_processes=processes)
+
+    data = parse_args([]).data
+    assert data.num_workers is None and loader_workers(data, machine("cpu")) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(data, machine("cuda")) == 4 and loader_workers(data, machine("cuda", 8)) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 processes on this machine (of 8 in all): the CPUs are shared by 2
+    assert loader_workers(data, machine("cuda", 8)) == 4
+    assert loader_workers(parse_args(["--data.streaming", "true"]).data, machine("cuda")) == 0
+    assert loader_workers(parse_args(["--data.num_workers", "3"]).data, machine("cpu")) == 3
 
 
 def test_yaml_config_with_overrides_and_unknown_key(tiny_data, tmp_path):

@@ -123,16 +123,22 @@ def test_gradnorm_with_an_absent_task_updates_the_present_ones_as_if_alone():
 
 def test_gradnorm_never_reads_a_device_value_on_the_host():
     """On the meta device every host read (.item(), bool(), nonzero) raises: GradNorm's step has none, so on GPU
-    it queues without waiting; PCGrad's solver does read (the check can fail)."""
+    it queues without waiting, fp16 loss scale included; PCGrad's solver does read (the check can fail)."""
     z = torch.ones(3, device="meta", requires_grad=True)
     present = torch.tensor([True, False], device="meta")
-    build_weighting("gradnorm", TASKS).to("meta").observe(
-        {"a": (z**2).sum(), "b": (z * 0).sum()}, present, [z], ONE_PROCESS
-    )
+
+    def losses():
+        return {"a": (z**2).sum(), "b": (z * 0).sum()}
+
+    def host_read():
+        raise AssertionError("the fp16 loss scale was read on the host")
+
+    scaler = SimpleNamespace(_get_scale_async=lambda: torch.tensor(1024.0, device="meta"), get_scale=host_read)
+    fp16 = SimpleNamespace(**{**vars(ONE_PROCESS), "scaler": scaler})
+    for accelerator in (ONE_PROCESS, fp16):
+        build_weighting("gradnorm", TASKS).to("meta").observe(losses(), present, [z], accelerator)
     with pytest.raises(NotImplementedError, match="meta"):
-        build_weighting("pcgrad", TASKS).to("meta").observe(
-            {"a": (z**2).sum(), "b": (z * 0).sum()}, present, [z], ONE_PROCESS
-        )
+        build_weighting("pcgrad", TASKS).to("meta").observe(losses(), present, [z], ONE_PROCESS)
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTINGS))
@@ -168,6 +174,22 @@ def test_an_overflowing_fp16_step_keeps_the_last_weights(name):
     scaler = SimpleNamespace(get_scale=lambda: float("inf"))  # the loss scale at the moment gradients overflow
     weighting.observe(losses, BOTH, [z], SimpleNamespace(**{**vars(ONE_PROCESS), "scaler": scaler}))
     assert torch.equal(weighting.current, before)  # no NaN weights; the scaler skips this step anyway
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "cagrad", "gradnorm"])
+def test_a_real_fp16_loss_scale_cancels_out(name):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(torch.ones(()))  # from the first backward on, the scale lives in a tensor
+    z = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+
+    def losses():
+        return {"a": (z**2).sum(), "b": (3 * z).sum()}
+
+    plain, scaled = build_weighting(name, TASKS), build_weighting(name, TASKS)
+    for _ in range(3):
+        plain.observe(losses(), BOTH, [z], ONE_PROCESS)
+        scaled.observe(losses(), BOTH, [z], SimpleNamespace(**{**vars(ONE_PROCESS), "scaler": scaler}))
+    torch.testing.assert_close(scaled.current, plain.current)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "gradnorm"])
