@@ -56,7 +56,8 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def build(pair: str, fusion: str, text_model: str, image_size: int | None = None) -> FusionModel:
+def build(pair: str, fusion: str, text_model: str | None = None, image_size: int | None = None) -> FusionModel:
+    """The small pair (simple_cnn + lstm), or the large one (resnet50 + the Hugging Face encoder `text_model`)."""
     if pair == "small":
         config = FusionConfig(image_encoder="simple_cnn", text_encoder="lstm", fusion=fusion, vocab_size=8000,
                               image_size=image_size or 64, max_text_length=512, tasks=TASKS)  # fmt: skip
@@ -132,7 +133,7 @@ def compile_rows(device: torch.device) -> list[dict]:
     """torch.compile on the default recipe's shape (simple_cnn + lstm + concat, batch 32)."""
     rows = []
     for compiled in (False, True):
-        model = build("small", "concat", "")
+        model = build("small", "concat")
         result = measure(model, batch_of(model, 32, 24, device), None, device, True, False, compiled, repeats=3)
         rows.append({"pair": "small", "fusion": "concat", "batch": 32, "dtype": "fp32", "channels_last": False,
                      "mode": "train", "compiled": compiled, **result})  # fmt: skip
@@ -145,12 +146,12 @@ def scaling_rows(device: torch.device) -> list[dict]:
     rows = []
     for fusion in ("concat", "cross_attention"):
         for length in (16, 64, 256):
-            model = build("small", fusion, "")
+            model = build("small", fusion)
             result = measure(model, batch_of(model, 16, length, device), None, device, True, False, False, 2)
             rows.append({"fusion": fusion, "text_length": length, "image_size": 64, **result})
             print(rows[-1])
         for size in (64, 128, 256):
-            model = build("small", fusion, "", image_size=size)
+            model = build("small", fusion, image_size=size)
             result = measure(model, batch_of(model, 16, 24, device), None, device, True, False, False, 2)
             rows.append({"fusion": fusion, "text_length": 24, "image_size": size, **result})
             print(rows[-1])

@@ -237,9 +237,9 @@ class GradientWeighting(LossWeighting):
         # An absent task's loss is an exact zero tied to the graph: its gradient is zero. On the parameters that
         # gradient costs a backward pass, worth a host read of `present` to skip; on the representation it is
         # cheap, and computing it keeps the step free of host-device syncs.
-        skip = ~present.cpu() if self.space == "parameters" else torch.zeros(len(self.names), dtype=torch.bool)
+        skip = (~present).tolist() if self.space == "parameters" else [False] * len(self.names)
         rows = []
-        for name, skipped in zip(self.names, skip.tolist()):
+        for name, skipped in zip(self.names, skip):
             if skipped:
                 rows.append(torch.zeros(sum(t.numel() for t in shared), device=present.device))
                 continue
