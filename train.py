@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -53,7 +54,13 @@ from mmfusion.training import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    code = run(parse_args(argv))
+    PartialState().destroy_process_group()  # the script's end; train() itself leaves the process group to callers
+    return code
+
+
+def run(config: Config) -> int:
+    """Train, printing input errors and stops as one line; the exit code (0 done, 1 stopped, 2 bad input)."""
     try:
         return train(config)
     except InputError as error:
@@ -65,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config: Config) -> int:
+    with StopSignal() as stop:
+        return _train(config, stop)
+
+
+def _train(config: Config, stop: StopSignal) -> int:
     cfg = config.train
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -78,7 +90,6 @@ def train(config: Config) -> int:
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
     )
     log = accelerator.print
-    stop = StopSignal()
     ablate = None if cfg.ablate == "none" else cfg.ablate
     set_seed(cfg.seed)  # model initialisation and the data order
     set_cpu_threads(accelerator, cfg.cpu_threads)
@@ -128,8 +139,7 @@ def train(config: Config) -> int:
     state = TrainerState()
     checkpoint = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
     if checkpoint:
-        state = load_training_state(accelerator, checkpoint)
-        weighting.load(checkpoint)
+        state = load_training_state(accelerator, checkpoint, weighting)
         log(f"resumed from {checkpoint} at step {state.step}")
     elif cfg.resume:
         log(f"--train.resume latest: no checkpoint under {output_dir / 'checkpoints'} yet, starting from scratch")
@@ -243,7 +253,7 @@ def train(config: Config) -> int:
                 _save_state(accelerator, model, output_dir, state, cfg, weighting)
                 log(f"received signal {stop.received}: saved the training state at step {state.step}; resume with "
                     f"--train.resume latest")  # fmt: skip
-                accelerator.end_training()
+                _finish_trackers(accelerator)
                 return 0
             if done:
                 break
@@ -278,17 +288,21 @@ def train(config: Config) -> int:
         f"evaluate with: mmfusion evaluate {output_dir / 'best'} --data.path {config.data.path} --split test"
     )
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _finish_trackers(accelerator)
     return 0
+
+
+def _finish_trackers(accelerator) -> None:
+    """What `end_training` does but destroying the process group, so train() can run again in the same processes."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _save_state(accelerator, model, output_dir: Path, state: TrainerState, cfg, weighting) -> None:
     """Save the training state, unless the weights are no longer finite (then the last good one must stay)."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError(f"non-finite weights at step {state.step}; the training state was not saved")
-    directory = save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints)
-    if accelerator.is_main_process:
-        weighting.save(directory)
+    save_training_state(accelerator, output_dir, state, cfg.keep_checkpoints, weighting)
 
 
 def _stop_non_finite(when: str, out, output_dir: Path, sources: str | None = None) -> None:

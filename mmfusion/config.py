@@ -152,6 +152,22 @@ class FusionConfig:
         if duplicates:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
 
+    def task_depths(self, spec: TaskSpec) -> list[int]:
+        """The fusion layers `spec`'s heads read, as sorted non-negative indices, deepest last."""
+        layers = self.fusion_layers
+        for depth in spec.head_depths:
+            if not -layers <= depth < layers:
+                raise ValueError(f"task {spec.name!r}: depth {depth} is outside the {layers} fusion layers")
+        return sorted({depth % layers for depth in spec.head_depths})
+
+    def readout_depths(self) -> list[int]:
+        """The fusion layers any head reads (the last one always: it is the fused representation)."""
+        depths = {self.fusion_layers - 1}
+        for spec in self.tasks:
+            if spec.type != "matching":
+                depths.update(self.task_depths(spec))
+        return sorted(depths)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

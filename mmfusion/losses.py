@@ -116,13 +116,24 @@ class LossWeighting(nn.Module):
     def last_weights(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights.tolist()))
 
+    @property
+    def stateful(self) -> bool:
+        """Whether the weighting carries state that a resume needs (beyond the static and last logged weights)."""
+        return bool(set(self.state_dict()) - {"static", "weights"})
+
     def save(self, directory: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, Path(directory) / self.FILE)
 
     def load(self, directory: Path) -> None:
+        """Restore the state saved in a training checkpoint; a stateful weighting refuses a checkpoint without it."""
         path = Path(directory) / self.FILE
         if path.is_file():
             self.load_state_dict(load_file(path, device=str(self.static.device)))
+        elif self.stateful:
+            raise InputError(
+                f"{directory} has no {self.FILE}: the {type(self).__name__} state of this run is missing, so a resume "
+                "from it would restart the loss weighting; resume from another checkpoint"
+            )
 
 
 class UncertaintyWeighting(LossWeighting):

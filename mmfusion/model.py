@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class FusionModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.aux_heads = nn.ModuleDict()  # deep supervision: task -> {depth: head}, used in training only
         for spec in config.tasks:
-            depths = self._depths(spec)
+            depths = self.config.task_depths(spec)
             self.heads[spec.name] = build_head(spec, config.dim, in_dims, config.dropout)
             if spec.type != "matching" and len(depths) > 1:
                 self.aux_heads[spec.name] = nn.ModuleDict(
@@ -78,16 +79,6 @@ class FusionModel(nn.Module):
             self.image_encoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
             self.channels_last = enabled
         return self
-
-    def _depths(self, spec: TaskSpec) -> list[int]:
-        """The task's fusion depths as sorted non-negative indices, deepest last."""
-        layers = self.config.fusion_layers
-        depths = []
-        for depth in spec.head_depths:
-            if not -layers <= depth < layers:
-                raise ValueError(f"task {spec.name!r}: depth {depth} is outside the {layers} fusion layers")
-            depths.append(depth % layers)
-        return sorted(set(depths))
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
@@ -158,7 +149,7 @@ class FusionModel(nn.Module):
                 embeddings[spec.name] = torch.cat([image_embedding, text_embedding], dim=-1)
                 logits[spec.name] = head.similarity(image_embedding, text_embedding)
             else:
-                logits[spec.name] = self._head_logits(head, fused, self._depths(spec)[-1])
+                logits[spec.name] = self._head_logits(head, fused, self.config.task_depths(spec)[-1])
         extras = dict(fused.extras)
         extras["pooled"] = {name: out.pooled for name, out in encoded.items()}
         extras["matching_embeddings"] = embeddings  # per matching task: [B, 2E], image then text half
@@ -209,7 +200,7 @@ class FusionModel(nn.Module):
 
         directory = resolve_checkpoint(str(directory))
         model = cls(read_config(directory))
-        state = read_weights(directory)
+        state = without_unread_readouts(read_weights(directory), model.state_dict())
         problems = state_dict_mismatch(model.state_dict(), state)
         if problems:
             raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {problems}")
@@ -244,6 +235,12 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def without_unread_readouts(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict:
+    """Checkpoints of mmfusion 0.1 kept a cross_attention/film read-out at every fusion layer; those at layers no
+    head read never received a gradient nor shaped an output, and today's model does not build them."""
+    return {k: v for k, v in found.items() if k in expected or not re.match(r"fusion\.out\.\d+\.", k)}
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:

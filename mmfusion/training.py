@@ -291,8 +291,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
-def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep: int) -> Path:
-    """accelerate's save_state into a temporary directory, renamed to step_N once complete; keeps the last `keep`."""
+def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep: int, weighting) -> Path:
+    """accelerate's save_state and the loss weighting's state into a temporary directory, renamed to step_N once
+    complete; keeps the last `keep`."""
     root = output_dir / "checkpoints"
     final = root / f"step_{state.step}"
     staging = root / f".step_{state.step}.tmp"
@@ -304,6 +305,7 @@ def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            weighting.save(staging)
             (staging / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -320,18 +322,29 @@ def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep
     return final
 
 
-def load_training_state(accelerator, directory: Path) -> TrainerState:
+def load_training_state(accelerator, directory: Path, weighting) -> TrainerState:
+    weighting.load(directory)
     accelerator.load_state(str(directory))
     return TrainerState(**json.loads((directory / STATE_NAME).read_text()))
 
 
 class StopSignal:
-    """SIGTERM / SIGINT ask the loop to save and stop at the next step instead of dying mid-step."""
+    """While active (a `with` block), SIGTERM / SIGINT ask the loop to save and stop at the next step instead of
+    dying mid-step; the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum

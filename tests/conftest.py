@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# huggingface_hub and datasets read HF_HOME once, when first imported: set it before any test module imports them,
+# so no test reads or writes the user's cache.
+HF_HOME = tempfile.mkdtemp(prefix="mmfusion-tests-hf-")
+os.environ["HF_HOME"] = HF_HOME
 
 
-@pytest.fixture(autouse=True)
-def _isolated_hf_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+def pytest_unconfigure(config):
+    shutil.rmtree(HF_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ import torch
 from mmfusion import metrics as metrics_module
 from mmfusion.config import TaskSpec
 from mmfusion.metrics import (
-    LOWER_IS_BETTER,
-    PRIMARY_METRIC,
     MultiTaskMetrics,
     TaskMetrics,
     delta_m,
@@ -238,14 +236,19 @@ def test_multitask_rejects_a_task_named_summary():
 # ----- summary and delta_m -----
 
 
-def test_primary_metrics():
-    assert PRIMARY_METRIC == {
-        "classification": ("macro_f1", True),
-        "multilabel": ("map", True),
-        "regression": ("r2", True),
-        "matching": ("recall@1", True),
+def test_summary_is_the_mean_of_each_task_types_primary_metric():
+    specs = [TaskSpec("c", num_labels=2), TaskSpec("m", "multilabel", num_labels=2), TaskSpec("r", "regression"),
+             TaskSpec("p", "matching"), TaskSpec("unlabelled", num_labels=2)]  # fmt: skip
+    metrics = {
+        "c": {"count": 3, "accuracy": 0.1, "macro_f1": 0.2, "auroc": 0.3},
+        "m": {"count": 3, "micro_f1": 0.4, "macro_f1": 0.5, "map": 0.6},
+        "r": {"count": 3, "mae": 0.7, "rmse": 0.8, "r2": 0.9},
+        "p": {"count": 3, "recall@1": 0.25, "recall@5": 0.5},
+        "unlabelled": {"count": 0},
     }
-    assert LOWER_IS_BETTER == {"mae", "rmse"}
+    assert summary(metrics, specs) == pytest.approx((0.2 + 0.6 + 0.9 + 0.25) / 4)
+    better_mae = {**metrics, "r": {**metrics["r"], "mae": 0.35}}  # lower is better: a gain, in delta_m's sign
+    assert delta_m(better_mae, metrics, specs[2:3]) == pytest.approx(100 * 0.5 / 3)
 
 
 def test_summary_is_the_mean_primary_metric_of_labelled_tasks():

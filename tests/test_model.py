@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 from helpers import tiny_batch, tiny_config
+from safetensors.torch import load_file, save_file
 
-from mmfusion import FusionModel
+from mmfusion import FusionModel, TaskSpec
 from mmfusion.fusions import FUSIONS
 from mmfusion.losses import task_loss
 
@@ -81,6 +82,42 @@ def test_every_combination(image, text, fusion, minilm_path, tmp_path):
         model.save_pretrained(tmp_path / "ckpt")
         loaded = FusionModel.from_pretrained(tmp_path / "ckpt").eval()
         _assert_logits_close(loaded(**_inputs(batch)).logits, reference, atol=0)
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("text,fusion", list(itertools.product(TEXT_ENCODERS, sorted(FUSIONS))))
+def test_every_parameter_gets_a_gradient_with_and_without_deep_supervision(text, fusion, deep_supervision, minilm_path):
+    """A parameter without a gradient crashes DDP at its second step; a fusion layer that no head reads must not
+    leave a dangling read-out behind."""
+    extra = {"text_model": minilm_path} if text == "hf" else {}
+    tasks = [
+        TaskSpec("topic", num_labels=3, depths=[0, 1] if deep_supervision else None),
+        TaskSpec("score", type="regression"),
+        TaskSpec("pair", type="matching"),
+    ]
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config("simple_cnn", text, fusion, tasks=tasks, **extra)).train()
+    model(**tiny_batch()).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+
+
+def test_checkpoints_with_unread_fusion_read_outs_still_load(tmp_path):
+    """mmfusion 0.1 saved a cross_attention read-out at every layer; the unread one is dropped on loading."""
+    torch.manual_seed(0)
+    config = tiny_config(fusion="cross_attention", tasks=[TaskSpec("topic", num_labels=3)])
+    model = FusionModel(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert "fusion.out.1.weight" in weights and "fusion.out.0.weight" not in weights
+    save_file(
+        {**weights, "fusion.out.0.weight": torch.zeros(32, 64), "fusion.out.0.bias": torch.zeros(32)},
+        tmp_path / "ckpt" / "model.safetensors",
+    )
+    batch = _inputs(tiny_batch())
+    _assert_logits_close(
+        FusionModel.from_pretrained(tmp_path / "ckpt").eval()(**batch).logits, model(**batch).logits, 0
+    )
 
 
 def _with_labels(batch: dict, **replace) -> dict:
