@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,14 @@ def test_texture_shows_its_period(pattern):
             for shorter in range(1, period):
                 start = np.take(mask, range(mask.shape[axis] - shorter), axis=axis)
                 assert not np.array_equal(start, np.take(mask, range(shorter, mask.shape[axis]), axis=axis))
+
+
+@pytest.mark.parametrize("name", ["spatial", "textures"])
+def test_negation_flips_the_answer(name):
+    spec = SETS[name]
+    task = spec.tasks[0]
+    for scene, query in spec.latents(100, seed=3):
+        assert task.label(scene, replace(query, negated=not query.negated)) != task.label(scene, query)
 
 
 def test_negation_flips_the_review_sentiment():
