@@ -60,10 +60,10 @@ class FusionModel(nn.Module):
         self.aux_heads = nn.ModuleDict()  # deep supervision: task -> {depth: head}, used in training only
         for spec in config.tasks:
             depths = self.config.task_depths(spec)
-            self.heads[spec.name] = build_head(spec, config.dim, in_dims, config.dropout)
+            self.heads[spec.name] = build_head(spec, config, in_dims)
             if spec.type != "matching" and len(depths) > 1:
                 self.aux_heads[spec.name] = nn.ModuleDict(
-                    {str(d): build_head(spec, config.dim, in_dims, config.dropout) for d in depths[:-1]}
+                    {str(d): build_head(spec, config, in_dims) for d in depths[:-1]}
                 )
         self.aux_scale = 1.0  # multiplies every deep-supervision weight; the trainer may schedule it
         self.channels_last = False  # see use_channels_last

@@ -120,13 +120,15 @@ class TimeBudget:
     """Fits a whole run, start-up to report, into `limit` seconds from `start` (a `time.perf_counter()` value).
 
     After `warmup_steps` measured steps and one timed evaluation, `plan` sets the number of steps so that the
-    steps, the evaluations they bring and the end of the run (final save, test split, report) fit; the schedule
-    then anneals over the planned steps. `must_stop` is the guard if the estimate was too hopeful.
+    steps, the evaluations they bring and the end of the run (final save, test split, report) fit; the trainer
+    plans again after each evaluation, so the schedule anneals over what the machine really delivers.
+    `must_stop` is the guard if an estimate was too hopeful.
     """
 
     limit: float
     start: float
-    warmup_steps: int = 10
+    warmup_from: int = 2  # steps before the measurement (they pay for caches and allocations)
+    warmup_steps: int = 10  # steps measured before the first plan
     end_seconds: float = 0.0  # planned time for the end of the run
 
     def elapsed(self) -> float:
