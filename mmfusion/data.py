@@ -42,7 +42,7 @@ class LoadedData:
 
     @property
     def streaming(self) -> bool:
-        return isinstance(self.splits["train"], IterableDataset)
+        return any(isinstance(split, IterableDataset) for split in self.splits.values())
 
 
 # ----- loading -----
