@@ -179,9 +179,11 @@ class DataConfig:
     """Where the data is and how rows become model inputs."""
 
     path: str = "data/sample"
-    """Directory (imagefolder layout or save_to_disk), or a .csv/.jsonl/.parquet file."""
-    format: Literal["auto", "imagefolder", "csv", "json", "parquet", "disk"] = "auto"
-    """How to read `path`; auto decides from the file suffix or directory contents."""
+    """A directory in any layout `datasets` recognises (imagefolder with metadata.jsonl/csv, {split}.csv|jsonl|parquet,
+    data/{split}-0000x-of-0000N.parquet shards, WebDataset .tar shards, save_to_disk), a .csv/.jsonl/.parquet file,
+    or a Hub dataset id (owner/name) in the local Hugging Face cache."""
+    format: Literal["auto", "imagefolder", "csv", "json", "parquet", "webdataset", "disk"] = "auto"
+    """How to read `path`; auto decides from the file suffixes or directory contents."""
     image_column: str = "image"
     """Column with the image (a decoded image, bytes, or a path relative to the data file)."""
     text_column: str = "caption"

@@ -1,9 +1,11 @@
 """Finding and loading the splits of a dataset with Hugging Face `datasets`, and the tasks its columns hold.
 
-Accepted: a directory in imagefolder layout (`{split}/metadata.jsonl|csv` with `file_name`), a directory of
-`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, or a
-`datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file, bytes, or decoded images.
-Rows are checked and read in rows.py; prepare.py puts the two together.
+Accepted: a directory in any layout `datasets` recognises (data_files.py finds the files of each split: imagefolder
+with `{split}/metadata.jsonl|csv` and `file_name`, `{split}.csv|jsonl|parquet`, the Hub's `data/{split}-0000x-of-0000N`
+parquet shards, WebDataset .tar shards), a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, a Hub
+dataset id in the local cache, or a `datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file,
+bytes (the Image feature's `{bytes, path}`), or decoded images. Rows are checked and read in rows.py; prepare.py puts
+the two together.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from .config import DataConfig, TaskSpec
+from .data_files import SPLIT_ALIASES, find_split_files, is_saved_dataset, resolve_source
 from .errors import DataError
 from .processing import as_number
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
-TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 ROW_COLUMN = "__row__"  # a row's number in its split before bad rows were skipped
 
 
@@ -58,7 +58,7 @@ def load_splits(
         root = Path(config.image_root or ".")
         loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
     else:
-        loaded = _load_path(Path(source), config)
+        loaded = _load_path(resolve_source(str(source)), config)
     loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}
     loaded.roots = {SPLIT_ALIASES.get(name, name): root for name, root in loaded.roots.items()}
     if for_training and "train" not in loaded.splits:
@@ -73,50 +73,58 @@ def load_splits(
 
 
 def _load_path(path: Path, config: DataConfig) -> LoadedData:
-    if not path.exists():
-        raise DataError(f"data.path does not exist: {path}")
-    fmt = config.format
-    if fmt == "auto":
-        fmt = _detect_format(path)
-    streaming = config.streaming
-    if fmt == "disk":
+    if config.format == "disk" or (config.format == "auto" and is_saved_dataset(path)):
         data = datasets.load_from_disk(str(path))
         splits = dict(data) if isinstance(data, DatasetDict) else {"train": data}
-        if streaming:
+        if config.streaming:
             splits = {name: split.to_iterable_dataset() for name, split in splits.items()}
         return LoadedData(splits, dict.fromkeys(splits, Path(config.image_root or path)), str(path))
-    files, roots = _split_files(path, fmt)
-    suffixes = {file.suffix for file in files.values()}
-    if len(suffixes) > 1:
-        raise DataError(f"{path}: splits are stored in different formats {sorted(suffixes)}; use one")
-    builder = TABLE_FORMATS[suffixes.pop()]
-    for name, file in files.items():
-        if file.stat().st_size == 0:
-            raise DataError(f"{path}: the {name} split is empty ({file} has no rows)")
-        if builder == "json":
-            _check_utf8_lines(file)
+    found = find_split_files(path, config.format)
+    for name, files in found.files.items():
+        for file in files:
+            if file.stat().st_size == 0:
+                raise DataError(f"{path}: the {name} split is empty ({file} has no rows)")
+            if found.builder == "json":
+                _check_utf8_lines(file)
     # CSV: bad bytes fail per row, named; only an empty cell is a missing value ("nan" stays a value to check).
-    options = {"encoding_errors": "replace", "keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
-    data = {}
-    for name, file in files.items():  # one by one: each split may infer its own column types
+    csv = {"encoding_errors": "replace", "keep_default_na": False, "na_values": [""]}
+    options = csv if found.builder == "csv" else {}
+    splits = {}
+    for name, files in found.files.items():  # one by one: each split may infer its own column types
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} {found.builder} files)"
         try:
-            data[name] = datasets.load_dataset(
-                builder, data_files={name: str(file)}, split=name, streaming=streaming, **options
+            split = datasets.load_dataset(
+                found.builder,
+                data_files={name: [str(file) for file in files]},
+                split=name,
+                streaming=config.streaming,
+                **options,
             )
         except UnicodeDecodeError as error:
-            raise DataError(f"{file}: not valid UTF-8 ({error})") from None
+            raise DataError(f"{where}: not valid UTF-8 ({error})") from None
         except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
             cause = error.__cause__ or error.__context__ or error
-            raise DataError(f"{file}: could not be read as {builder}: {cause}") from None
-    if config.image_root:
-        roots = dict.fromkeys(roots, Path(config.image_root))
-    image_column = "file_name" if fmt == "imagefolder" else None
-    splits = {}
-    for name, split in data.items():
-        if image_column and image_column in (split.column_names or []):
-            split = split.rename_column(image_column, config.image_column)
-        splits[name] = split
+            raise DataError(f"{where}: could not be read as {found.builder}: {cause}") from None
+        if found.imagefolder and "file_name" in (split.column_names or []):
+            split = split.rename_column("file_name", config.image_column)
+        splits[name] = _lift_json_fields(split) if found.builder == "webdataset" else split
+    roots = dict.fromkeys(found.roots, Path(config.image_root)) if config.image_root else found.roots
     return LoadedData(splits, roots, str(path))
+
+
+def _lift_json_fields(split: Dataset | IterableDataset) -> Dataset | IterableDataset:
+    """WebDataset samples keep their labels in a `.json` file: its fields become columns."""
+    fields = (split.features or {}).get("json")
+    if not isinstance(fields, dict):
+        return split
+    others = {name: feature for name, feature in split.features.items() if name != "json"}
+    features = datasets.Features({**others, **fields})
+
+    def lift(row):
+        values = row["json"] or {}
+        return {name: values.get(name) for name in fields}
+
+    return split.map(lift, remove_columns=["json"], features=features)
 
 
 def _check_utf8_lines(file: Path) -> None:
@@ -129,45 +137,6 @@ def _check_utf8_lines(file: Path) -> None:
                 raise DataError(
                     f"{file}, line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
                 ) from None
-
-
-def _detect_format(path: Path) -> str:
-    if path.is_file():
-        if path.suffix not in TABLE_FORMATS:
-            raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(TABLE_FORMATS)}")
-        return TABLE_FORMATS[path.suffix]
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return "disk"
-    if any((path / name).is_file() for name in METADATA_FILES) or any(
-        (child / name).is_file() for child in path.iterdir() if child.is_dir() for name in METADATA_FILES
-    ):
-        return "imagefolder"
-    if any(child.suffix in TABLE_FORMATS for child in path.iterdir()):
-        return "table"
-    raise DataError(
-        f"{path}: no data found; expected {{split}}/metadata.jsonl (imagefolder), {{split}}.csv|jsonl|parquet files, "
-        "a save_to_disk directory, or a single data file"
-    )
-
-
-def _split_files(path: Path, fmt: str) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Data file and image root of each split."""
-    if path.is_file():
-        return {"train": path}, {"train": path.parent}
-    files: dict[str, Path] = {}
-    if fmt == "imagefolder":
-        for directory in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
-            metadata = next((directory / n for n in METADATA_FILES if (directory / n).is_file()), None)
-            if metadata is not None:
-                files["train" if directory == path else directory.name] = metadata
-    else:
-        files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in TABLE_FORMATS}
-        unknown = sorted(set(files) - set(SPLITS) - set(SPLIT_ALIASES))
-        if unknown:
-            raise DataError(f"{path}: files {unknown} are not named after a split ({list(SPLITS)})")
-    if not files:
-        raise DataError(f"{path}: no metadata or data files found")
-    return files, {name: file.parent for name, file in files.items()}
 
 
 def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:

@@ -103,3 +103,61 @@ def make_imagefolder(root, splits=None, metadata="jsonl") -> None:
                 writer = csv.DictWriter(f, fieldnames=[k for k in public[0] if k != "tags"])
                 writer.writeheader()
                 writer.writerows({k: v for k, v in r.items() if k != "tags"} for r in public)
+
+
+def png_bytes(color, size=(16, 16)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_hub_repo(root, splits=None, shards=2) -> None:
+    """A Hub dataset repository: README.md and data/{split}-0000x-of-0000N.parquet shards whose `image` column is
+    the Image feature ({bytes, path} structs)."""
+    import datasets
+
+    splits = splits or {"train": make_rows(12), "validation": make_rows(6, 100)}
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# a tiny dataset\n")
+    for split, rows in splits.items():
+        table = [
+            {"image": {"bytes": png_bytes(row["_color"]), "path": row["file_name"]}}
+            | {k: v for k, v in row.items() if not k.startswith("_") and k != "file_name"}
+            for row in rows
+        ]
+        data = datasets.Dataset.from_list(table).cast_column("image", datasets.Image())
+        count = min(shards, len(rows))
+        for index in range(count):
+            data.shard(count, index, contiguous=True).to_parquet(
+                root / "data" / f"{split}-{index:05d}-of-{count:05d}.parquet"
+            )
+
+
+def make_webdataset(root, splits=None, shards=2) -> None:
+    """WebDataset tar shards {split}-0000x.tar: KEY.png, KEY.txt (the caption) and KEY.json (the labels)."""
+    import io
+    import json
+    import tarfile
+
+    splits = splits or {"train": make_rows(12), "validation": make_rows(6, 100)}
+    root.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        count = min(shards, len(rows))
+        for index in range(count):
+            with tarfile.open(root / f"{split}-{index:05d}.tar", "w") as tar:
+                for row in rows[index::count]:
+                    key = row["file_name"].split(".")[0]
+                    labels = {k: v for k, v in row.items() if k not in ("file_name", "caption", "_color")}
+                    files = {
+                        "png": png_bytes(row["_color"]),
+                        "txt": row["caption"].encode(),
+                        "json": json.dumps(labels).encode(),
+                    }
+                    for extension, data in files.items():
+                        info = tarfile.TarInfo(f"{key}.{extension}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))

@@ -1,0 +1,92 @@
+"""Which files hold which split: a single file, a directory in any layout `datasets` recognises (its own data-files
+patterns decide: `{split}.csv`, `{split}/metadata.jsonl`, `data/{split}-0000x-of-0000N.parquet`, `train_0.csv`, ...),
+a local copy of a Hub dataset repository, or a Hub dataset id (`owner/name`) read from the Hugging Face cache.
+data.py loads what is found here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+from huggingface_hub import constants, snapshot_download
+
+from .errors import DataError
+
+TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tar": "webdataset"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+NO_DATA = (
+    "no data found; expected {split}/metadata.jsonl (imagefolder), {split}.csv|jsonl|parquet files, "
+    "data/{split}-00000-of-0000N.parquet shards, WebDataset .tar shards, a save_to_disk directory, "
+    "or a single data file"
+)
+
+
+@dataclass
+class SplitFiles:
+    """The data files of each split, the builder that reads them (csv, json, parquet, webdataset), and the directory
+    that relative image paths start from. In imagefolder layout the files are metadata files beside the images."""
+
+    builder: str
+    files: dict[str, list[Path]]
+    roots: dict[str, Path]
+    imagefolder: bool = False
+
+
+def resolve_source(source: str) -> Path:
+    """A local path as is; otherwise the snapshot of the Hub dataset `owner/name` in the Hugging Face cache (offline
+    with HF_HUB_OFFLINE=1: the cache alone)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if path.is_absolute() or source.startswith(".") or source.count("/") != 1:
+        raise DataError(f"data.path does not exist: {path}")  # a path, not an owner/name id
+    try:
+        return Path(snapshot_download(repo_id=source, repo_type="dataset"))
+    except (OSError, ValueError) as error:  # not found, offline and not cached, or not a valid repo id
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"data.path does not exist: {source} is neither a local path nor a Hugging Face Hub dataset in the cache "
+            f"({constants.HF_HUB_CACHE}): {reason}"
+        ) from None
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A `save_to_disk` directory."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def find_split_files(path: Path, fmt: str = "auto") -> SplitFiles:
+    """The files of each split under `path`, found by `datasets`' data-files patterns; `fmt` (a DataConfig.format)
+    restricts them to one format."""
+    if path.is_file():
+        if path.suffix not in TABLE_FORMATS:
+            raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(TABLE_FORMATS)}")
+        return SplitFiles(TABLE_FORMATS[path.suffix], {"train": [path]}, {"train": path.parent})
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except (EmptyDatasetError, FileNotFoundError):
+        found = {}
+    files = {SPLIT_ALIASES.get(str(name), str(name)): sorted(map(Path, names)) for name, names in found.items()}
+    metadata = {name: [f for f in names if f.name in METADATA_FILES] for name, names in files.items()}
+    imagefolder = fmt == "imagefolder" or (fmt == "auto" and any(metadata.values()))
+    if imagefolder:
+        files = {name: names for name, names in metadata.items() if names}
+        for name, names in files.items():
+            if len(names) > 1:
+                listed = [str(f.relative_to(path)) for f in names]
+                raise DataError(f"{path}: the {name} split has several metadata files {listed}; keep one per split")
+    else:
+        wanted = {suffix for suffix, builder in TABLE_FORMATS.items() if fmt in ("auto", builder)}
+        files = {name: kept for name, names in files.items() if (kept := [f for f in names if f.suffix in wanted])}
+    if not files:
+        raise DataError(f"{path}: {NO_DATA}")
+    suffixes = {f.suffix for names in files.values() for f in names}
+    builders = {TABLE_FORMATS[suffix] for suffix in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"{path}: splits are stored in different formats {sorted(suffixes)}; use one")
+    roots = {name: Path(os.path.commonpath([f.parent for f in names])) for name, names in files.items()}
+    return SplitFiles(builders.pop(), files, roots, imagefolder)
