@@ -213,6 +213,10 @@ class DataConfig:
     so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores, and for streams."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels are rejected as possible decompression bombs."""
+    cache: str | None = None
+    """Decoded-image cache: a directory, or auto (mmfusion_images/ in the datasets cache). Each split's images are
+    decoded and resized once into a memory-mapped uint8 file, rebuilt when the data or the image settings change;
+    evaluation reads the very pixels of the uncached path, training crops and flips the stored arrays."""
 
 
 @dataclass

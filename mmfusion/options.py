@@ -126,6 +126,11 @@ def check_values(config: Config) -> list[str]:
             "--data.num_workers must be 0 with --data.streaming true: a stream is read in the main process, "
             "where its row numbers and skipped-row counts are kept",
         ),
+        (
+            not (data.streaming and data.cache),
+            "--data.cache needs map-style data: a stream is read once per epoch and is not cached "
+            "(drop --data.cache or --data.streaming)",
+        ),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
         (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),

@@ -17,8 +17,9 @@ import torch
 from .config import Config, DataConfig, TaskSpec
 from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
 from .errors import DataError
+from .image_cache import open_cache
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
-from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_split
+from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_rows, select_rows
 
 
 @dataclass
@@ -77,14 +78,18 @@ def split_dataset(
     modality_dropout: float = 0.0,
 ) -> torch.utils.data.Dataset:
     """Split `name` as a dataset of model-ready rows: every row checked (bad ones raise, or are skipped and counted
-    in `report`), or, for a stream, checked as it arrives."""
+    in `report`), or, for a stream, checked as it arrives. With `data.cache` its images come from the image cache
+    (built on first use)."""
     allow_missing = data.missing_modality == "placeholder"
     held_out = name == "validation" and loaded.held_out
     reader = RowReader(processor, tasks, data, loaded.roots[name], name, allow_missing, held_out)
     if loaded.streaming:
         return FusionStream(loaded.splits[name], reader, data.on_error, augment, seed, modality_dropout)
-    rows = check_split(loaded.splits[name], name, reader, report, data.on_error, data.verify_images)
-    return FusionDataset(rows, reader, augment, seed, modality_dropout)
+    split = loaded.splits[name]
+    images = open_cache(split, reader, processor.cache_side(augment), data.cache) if data.cache else None
+    keep = check_rows(split, name, reader, report, data.on_error, data.verify_images, images)
+    images = images.select(keep) if images is not None else None
+    return FusionDataset(select_rows(split, keep), reader, augment, seed, modality_dropout, images)
 
 
 def build_splits(

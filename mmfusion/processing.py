@@ -161,19 +161,52 @@ class FusionProcessor:
         top = int(generator.integers(0, height - crop_h + 1))
         return left, top, left + crop_w, top + crop_h
 
-    def image_tensor(self, image: Image.Image, augment_key: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """RGB PIL image -> normalised [3, S, S]; `augment_key` = (seed, epoch, index) enables the random crop."""
+    def cache_side(self, augment: bool) -> int:
+        """The side images are stored at in the image cache: image_size for evaluation (the very pixels of the
+        uncached path), and for training so much more that the smallest random crop still covers image_size pixels."""
+        size = self.settings.image_size
+        return math.ceil(size / math.sqrt(self.settings.crop_scale[0])) if augment else size
+
+    def resized(self, image: Image.Image, side: int) -> Image.Image:
+        return image if image.size == (side, side) else image.resize((side, side), Image.Resampling.BILINEAR)
+
+    def image_tensor(
+        self, image: Image.Image | np.ndarray, augment_key: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """RGB PIL image, or an H x W x 3 uint8 array from the image cache -> normalised [3, S, S]; `augment_key` =
+        (seed, epoch, index) enables the random crop and flip (on the PIL image, or on the uint8 array)."""
+        if isinstance(image, np.ndarray):
+            return self.normalise(self._crop_array(image, augment_key))
         if augment_key is not None:
             image = image.crop(self.crop_box(*image.size, *augment_key))
-            if self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5:
+            if self._flips(augment_key):
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = self.resized(image, self.settings.image_size)
+        return self.normalise(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+
+    def _flips(self, augment_key: tuple[int, int, int]) -> bool:
+        return self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5
+
+    def _crop_array(self, array: np.ndarray, augment_key: tuple[int, int, int] | None) -> torch.Tensor:
+        """The random crop and flip of an H x W x 3 uint8 array, resized to [3, S, S] uint8 (bilinear, antialiased
+        like PIL's)."""
+        if augment_key is not None:
+            left, top, right, bottom = self.crop_box(array.shape[1], array.shape[0], *augment_key)
+            array = array[top:bottom, left:right]
+            if self._flips(augment_key):
+                array = array[:, ::-1]
+        pixels = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: the cache is read-only
         size = self.settings.image_size
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        if pixels.shape[1:] != (size, size):
+            resize = torch.nn.functional.interpolate
+            pixels = resize(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        return pixels
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, S, S] -> float, normalised by the mean and std."""
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
-        return (array - mean) / std
+        return (pixels.float() / 255.0 - mean) / std
 
     def picture(self, pixel_values: torch.Tensor) -> np.ndarray:
         """The inverse of `image_tensor`'s normalisation: [3, S, S] -> [S, S, 3] RGB in [0, 1], for figures."""

@@ -18,6 +18,7 @@ from datasets import Dataset, IterableDataset
 from .config import DataConfig, TaskSpec
 from .data import ROW_COLUMN
 from .errors import BadInputError, DataError
+from .image_cache import ImageCache
 from .processing import FusionProcessor, open_image
 
 
@@ -101,13 +102,16 @@ class RowReader:
             raise BadInputError(f"{where}: text contains undecodable bytes (U+FFFD replacement characters)")
         return value
 
+    def image(self, value: Any, index: int):
+        """Row `index`'s image value decoded (None when missing), or BadInputError naming split, row and field."""
+        return self.load_image(value, f"{self.where(index)}, field {self.config.image_column!r}" + _file_hint(value))
+
     def parse(self, row: dict, index: int, decode_image: bool = True) -> tuple[Any, str | None, dict, dict]:
         """(image, text, labels, label masks) of one row, or BadInputError naming split, row and field.
         Without `decode_image` the image is only checked to be present (it is then returned as given)."""
         where = self.where(index)
         image_value = row.get(self.config.image_column)
-        image_where = f"{where}, field {self.config.image_column!r}" + _file_hint(image_value)
-        image = self.load_image(image_value, image_where) if decode_image else image_value
+        image = self.image(image_value, index) if decode_image else image_value
         text = self.text(row.get(self.config.text_column), f"{where}, field {self.config.text_column!r}")
         if (image is None or text is None) and not self.allow_missing_modality:
             missing = self.config.image_column if image is None else self.config.text_column
@@ -123,10 +127,21 @@ class RowReader:
         return image, text, labels, masks
 
     def read(
-        self, row: dict, index: int, epoch: int = 0, augment: bool = False, seed: int = 0, modality_dropout: float = 0.0
+        self,
+        row: dict,
+        index: int,
+        epoch: int = 0,
+        augment: bool = False,
+        seed: int = 0,
+        modality_dropout: float = 0.0,
+        images: ImageCache | None = None,
+        position: int = 0,
     ) -> dict:
-        """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
-        image, text, labels, masks = self.parse(row, index)
+        """Decode and encode one row (its image taken from `images` at `position` when given). `augment` uses
+        randomness from (seed, epoch, index) only."""
+        image, text, labels, masks = self.parse(row, index, decode_image=images is None)
+        if images is not None:
+            image = images.image(position)
         image_present, text_present = image is not None, text is not None
         if modality_dropout > 0 and image_present and text_present:
             draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
@@ -171,15 +186,25 @@ def _reason(message: str) -> str:
     return "bad row"
 
 
-def check_split(
-    split: Dataset, name: str, reader: RowReader, report: SkipReport, on_error: str, verify_images: bool = True
-) -> Dataset:
-    """Read every row once; return the split without the bad rows (skip) or raise at the first (raise)."""
+def check_rows(
+    split: Dataset,
+    name: str,
+    reader: RowReader,
+    report: SkipReport,
+    on_error: str,
+    verify_images: bool = True,
+    images: ImageCache | None = None,
+) -> list[int]:
+    """Read every row once; return the positions of the good rows (skip) or raise at the first bad one (raise).
+    With `images` (the split's image cache) each image's check is the cache's: nothing is decoded again."""
     keep = []
     truncated_before = reader.processor.truncated
     for index, row in enumerate(split):
         try:
-            _, text, _, _ = reader.parse(row, row.get(ROW_COLUMN, index), decode_image=verify_images)
+            if images is not None and index in images.errors:
+                raise BadInputError(images.errors[index])
+            decode = verify_images and images is None
+            _, text, _, _ = reader.parse(row, row.get(ROW_COLUMN, index), decode_image=decode)
             if text is not None:
                 reader.processor.encode_text(text)  # counts truncations
         except BadInputError as error:
@@ -192,21 +217,39 @@ def check_split(
         report.truncated[name] += reader.processor.truncated - truncated_before
     if not keep:
         raise DataError(f"the {name} split has no usable rows ({report.summary()})")
+    return keep
+
+
+def select_rows(split: Dataset, keep: list[int]) -> Dataset:
+    """The kept rows; when some were dropped, each keeps its original number (ROW_COLUMN) for messages."""
     if len(keep) == len(split):
         return split
-    if ROW_COLUMN not in split.column_names:  # rows keep their original numbers
+    if ROW_COLUMN not in split.column_names:
         split = split.add_column(ROW_COLUMN, list(range(len(split))))
     return split.select(keep)
+
+
+def check_split(
+    split: Dataset, name: str, reader: RowReader, report: SkipReport, on_error: str, verify_images: bool = True
+) -> Dataset:
+    """The split without its bad rows (skip), or BadInputError at the first (raise)."""
+    return select_rows(split, check_rows(split, name, reader, report, on_error, verify_images))
 
 
 class FusionDataset(torch.utils.data.Dataset):
     """Map-style dataset over checked rows; `set_epoch` changes the augmentation draw."""
 
     def __init__(
-        self, split: Dataset, reader: RowReader, augment: bool = False, seed: int = 0, modality_dropout: float = 0.0
+        self,
+        split: Dataset,
+        reader: RowReader,
+        augment: bool = False,
+        seed: int = 0,
+        modality_dropout: float = 0.0,
+        images: ImageCache | None = None,
     ) -> None:
         self.split, self.reader, self.augment, self.seed = split, reader, augment, seed
-        self.modality_dropout = modality_dropout
+        self.modality_dropout, self.images = modality_dropout, images
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -216,9 +259,26 @@ class FusionDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.split[int(index)]
-        number = row.get(ROW_COLUMN, int(index))
-        return self.reader.read(row, number, self.epoch, self.augment, self.seed, self.modality_dropout)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of rows, fetched from the table in one read (the DataLoader calls this for each batch)."""
+        indices = [int(index) for index in indices]
+        columns = self.split[indices]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [
+            self.reader.read(
+                row,
+                row.get(ROW_COLUMN, index),
+                self.epoch,
+                self.augment,
+                self.seed,
+                self.modality_dropout,
+                self.images,
+                index,
+            )
+            for index, row in zip(indices, rows)
+        ]
 
     def describe(self, number: int) -> str:
         """Where row `number` (as in error messages and batch["row"]) comes from."""

@@ -1,0 +1,176 @@
+"""The decoded-image cache (`--data.cache DIR|auto`): every image of a split decoded and resized once, stored as
+uint8 in a memory-mapped file, so later epochs and runs read arrays instead of decoding files.
+
+What is stored: for evaluation (no augmentation) each image resized to `image_size` exactly as the uncached path
+resizes it, so the pixels are the same bit for bit; for training `FusionProcessor.cache_side` pixels, enough that
+the smallest random crop still covers `image_size` pixels; the crop and flip (the same boxes, drawn from
+(seed, epoch, index)) and the resize then run on the uint8 array. A row whose image is bad keeps its error message,
+so the row checks need not decode again.
+
+An entry is keyed by the split's `datasets` fingerprint (its data files, their modification times, and every
+transform since), the split's name and row numbering, the image column, root and size limit, and the stored side;
+the files that rows name by path are checked by size and modification time whenever the entry is opened. A change
+to any of them builds a new entry. Entries are built under a file lock and renamed into place when complete, so
+processes (and machines sharing the directory) build each entry once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from datasets import Dataset
+from filelock import FileLock
+
+from .data import ROW_COLUMN
+from .errors import BadInputError
+from .files import atomic_directory
+
+CACHE_FORMAT = 1
+IMAGES_NAME, PRESENT_NAME, INDEX_NAME = "images.u8", "present.npy", "index.json"
+READ_BATCH = 256
+
+
+def cache_root(option: str) -> Path:
+    """`--data.cache`: a directory, or `auto` for mmfusion_images/ in the datasets cache (HF_DATASETS_CACHE)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mmfusion_images" if option == "auto" else Path(option)
+
+
+@dataclass
+class ImageCache:
+    """One split's images, indexed by row position in the split (or, after `select`, in the checked rows)."""
+
+    directory: Path
+    side: int
+    count: int
+    errors: dict[int, str]  # position -> the row's image error
+    present: np.ndarray  # position -> has an image
+    positions: np.ndarray | None = None  # dataset index -> position (after `select`)
+    _array: np.memmap | None = field(default=None, repr=False)
+
+    @property
+    def array(self) -> np.memmap:
+        if self._array is None:  # opened lazily: in each loader worker, never pickled
+            shape = (self.count, self.side, self.side, 3)
+            self._array = np.memmap(self.directory / IMAGES_NAME, dtype=np.uint8, mode="r", shape=shape)
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+    def image(self, index: int) -> np.ndarray | None:
+        """The stored H x W x 3 uint8 image of row `index`, or None for a row without an image."""
+        position = int(self.positions[index]) if self.positions is not None else index
+        return self.array[position] if self.present[position] else None
+
+    def select(self, keep: list[int]) -> ImageCache:
+        """The cache as indexed by the kept rows."""
+        return ImageCache(self.directory, self.side, self.count, self.errors, self.present, np.asarray(keep))
+
+
+def open_cache(split: Dataset, reader, side: int, option: str) -> ImageCache:
+    """The cache entry of `split`'s images at `side` pixels, built first when missing or out of date."""
+    root = cache_root(option)
+    root.mkdir(parents=True, exist_ok=True)
+    key = _key(split, reader, side)
+    entry = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        files = _files_digest(split, reader)
+        cache = _load(entry, files)
+        if cache is None:
+            with atomic_directory(entry) as staging:
+                _build(staging, split, reader, side, files)
+            cache = _load(entry, files)
+    return cache
+
+
+def _key(split: Dataset, reader, side: int) -> str:
+    settings = {
+        "format": CACHE_FORMAT,
+        "fingerprint": split._fingerprint,
+        "rows": len(split),
+        "split": reader.split,
+        "held_out": reader.held_out,
+        "image_column": reader.config.image_column,
+        "root": os.path.abspath(reader.root),
+        "max_image_pixels": reader.config.max_image_pixels,
+        "side": side,
+        "resize": "PIL bilinear",
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _image_values(split: Dataset, column: str):
+    for batch in split.select_columns([column]).iter(batch_size=READ_BATCH):
+        yield from batch[column]
+
+
+def _path_of(value: Any) -> str | None:
+    if isinstance(value, dict) and value.get("bytes") is None:
+        value = value.get("path")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _files_digest(split: Dataset, reader) -> str:
+    """Size and modification time of every image file the rows name by path (images stored in the data itself are
+    covered by the fingerprint)."""
+    digest = hashlib.sha256()
+    for value in _image_values(split, reader.config.image_column):
+        reference = _path_of(value)
+        if reference is None:
+            continue
+        try:
+            stat = os.stat(os.path.join(reader.root, reference))
+            digest.update(f"{reference}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{reference}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def _load(entry: Path, files: str) -> ImageCache | None:
+    """The entry if it is complete and the image files are unchanged."""
+    try:
+        index = json.loads((entry / INDEX_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if index.get("files") != files:
+        return None
+    errors = {int(position): message for position, message in index["errors"].items()}
+    present = np.load(entry / PRESENT_NAME)
+    return ImageCache(entry, index["side"], index["count"], errors, present)
+
+
+def _build(directory: Path, split: Dataset, reader, side: int, files: str) -> None:
+    """Decode every image of `split` (on all cores), resize it to `side` and store it; keep bad rows' errors."""
+    count = len(split)
+    images = np.memmap(directory / IMAGES_NAME, dtype=np.uint8, mode="w+", shape=(max(1, count), side, side, 3))
+    numbers = split[ROW_COLUMN] if ROW_COLUMN in split.column_names else range(count)
+    errors: dict[int, str] = {}
+    present = np.zeros(count, dtype=bool)
+
+    def decode(item: tuple[int, Any, int]) -> None:
+        position, value, number = item
+        try:
+            image = reader.image(value, number)
+        except BadInputError as error:
+            errors[position] = str(error)
+            return
+        if image is not None:
+            images[position] = np.asarray(reader.processor.resized(image, side), dtype=np.uint8)
+            present[position] = True
+
+    values = _image_values(split, reader.config.image_column)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes and resizes without the GIL
+        for _ in pool.map(decode, zip(range(count), values, numbers)):
+            pass
+    images.flush()
+    np.save(directory / PRESENT_NAME, present)
+    index = {"side": side, "count": count, "files": files, "errors": errors}
+    (directory / INDEX_NAME).write_text(json.dumps(index))  # written last: an entry with an index is complete
