@@ -195,7 +195,10 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the held-out validation split."""
     streaming: bool = False
-    """Read the data as a stream (for data larger than memory)."""
+    """Read the data as a stream (for data larger than memory): rows are read as training goes, the training stream
+    split among the processes by shards; needs --train.max_steps."""
+    shuffle_buffer: int = 1000
+    """Streams: rows a training stream is shuffled through, besides its shards' order, each epoch (0: read in order)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad rows (unreadable image, empty text, unknown label): stop with an error, or skip and count them."""
     verify_images: bool = True

@@ -11,6 +11,7 @@ the two together.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections import Counter
@@ -59,14 +60,16 @@ def load_splits(
         loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
     else:
         loaded = _load_path(resolve_source(str(source)), config)
-    loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}
+    loaded.splits = {
+        SPLIT_ALIASES.get(name, name): _without_image_decoding(split, config.image_column)
+        for name, split in loaded.splits.items()
+    }
     loaded.roots = {SPLIT_ALIASES.get(name, name): root for name, root in loaded.roots.items()}
     if for_training and "train" not in loaded.splits:
         raise DataError(f"{loaded.source}: no train split; found splits {sorted(loaded.splits)}")
     if for_training and "validation" not in loaded.splits:
         _hold_out_validation(loaded, config)
     for name, split in loaded.splits.items():
-        loaded.splits[name] = _without_image_decoding(split, config.image_column)
         if not isinstance(split, IterableDataset) and len(split) == 0:
             raise DataError(f"{loaded.source}: the {name} split is empty")
     return loaded
@@ -140,16 +143,17 @@ def _check_utf8_lines(file: Path) -> None:
 
 
 def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:
-    """A deterministic validation split: rows whose seeded hash of the index falls under val_fraction."""
+    """A deterministic validation split: a seeded shuffle of a table; for a stream, the rows whose seeded hash of
+    their image and text falls under val_fraction (by content, so shuffled shards keep every row on its side)."""
     train = loaded.splits["train"]
     if isinstance(train, IterableDataset):
         threshold = int(config.val_fraction * 10_000)
 
-        def is_validation(_row, index):
-            return _index_bucket(index, config.split_seed) < threshold
+        def is_validation(row):
+            return _content_bucket(row, config) < threshold
 
-        loaded.splits["validation"] = train.filter(is_validation, with_indices=True)
-        loaded.splits["train"] = train.filter(lambda row, index: not is_validation(row, index), with_indices=True)
+        loaded.splits["validation"] = train.filter(is_validation)
+        loaded.splits["train"] = train.filter(lambda row: not is_validation(row))
     else:
         if len(train) < 2:
             raise DataError(f"{loaded.source}: {len(train)} training row(s) cannot be split into train and validation")
@@ -160,8 +164,16 @@ def _hold_out_validation(loaded: LoadedData, config: DataConfig) -> None:
     loaded.held_out = True
 
 
-def _index_bucket(index: int, seed: int) -> int:
-    return int(np.random.default_rng([seed, index]).integers(0, 10_000))
+def _content_bucket(row: dict, config: DataConfig) -> int:
+    """0..9999 from a seeded hash of the row's image (bytes or path) and text."""
+    digest = hashlib.sha256(str(config.split_seed).encode())
+    for column in (config.image_column, config.text_column):
+        value = row.get(column)
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        digest.update(value if isinstance(value, bytes) else repr(value).encode())
+        digest.update(b"\0")
+    return int.from_bytes(digest.digest()[:8], "big") % 10_000
 
 
 def _without_image_decoding(split: Dataset | IterableDataset, image_column: str):

@@ -23,6 +23,7 @@ from .model import FusionModel
 from .prepare import Prepared
 from .rows import loader_workers, make_loader
 from .runlog import MetricsLog, available_metrics, metrics_line, selection_value
+from .streams import resume_stream, stream_batches, stream_positions
 from .training import StepPlan, TimeBudget, TrainerState, save_training_state
 
 
@@ -121,11 +122,14 @@ class Loop:
         return self.stopped_by is not None or self.state.step >= self.plan.total
 
     def start_epoch(self) -> None:
-        self.train_loader.set_epoch(self.state.epoch)
+        if not self.streaming:
+            self.train_loader.set_epoch(self.state.epoch)
         self.train_set.set_epoch(self.state.epoch)
 
     def batches(self):
-        """This epoch's batches, past those a resumed run already consumed."""
+        """This epoch's batches, past those a resumed run already consumed (a stream starts at its saved position)."""
+        if self.streaming:
+            return stream_batches(self.train_loader, self.accelerator)
         if self.state.batches_in_epoch:
             return self.accelerator.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
         return self.train_loader
@@ -272,9 +276,17 @@ class Loop:
         """Save the training state, unless the weights are no longer finite (then the last good one must stay)."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise FloatingPointError(f"non-finite weights at step {self.state.step}; the training state was not saved")
+        if self.streaming:
+            self.state.stream_rows = stream_positions(self.train_set)
         started = time.perf_counter()
         save_training_state(self.accelerator, self.output_dir, self.state, self.cfg.keep_checkpoints, self.weighting)
         self.paused += time.perf_counter() - started
+
+    def resume_stream(self) -> None:
+        """A training stream resumed mid-epoch starts at each process's saved position."""
+        if self.streaming and self.state.batches_in_epoch:
+            accelerator = self.accelerator
+            resume_stream(self.train_set, self.state.stream_rows, accelerator.num_processes, accelerator.process_index)
 
     def stop_non_finite(self, when: str, out, sources: str | None = None) -> None:
         losses = {k: float(v.detach()) for k, v in out.task_losses.items()}

@@ -131,6 +131,7 @@ def check_values(config: Config) -> list[str]:
             "--data.cache needs map-style data: a stream is read once per epoch and is not cached "
             "(drop --data.cache or --data.streaming)",
         ),
+        (data.shuffle_buffer >= 0, f"--data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}"),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
         (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),

@@ -19,7 +19,8 @@ from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
 from .errors import DataError
 from .image_cache import open_cache
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
-from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_rows, select_rows
+from .rows import FusionDataset, RowReader, SkipReport, check_rows, select_rows
+from .streams import FusionStream
 
 
 @dataclass
@@ -83,9 +84,10 @@ def split_dataset(
     allow_missing = data.missing_modality == "placeholder"
     held_out = name == "validation" and loaded.held_out
     reader = RowReader(processor, tasks, data, loaded.roots[name], name, allow_missing, held_out)
-    if loaded.streaming:
-        return FusionStream(loaded.splits[name], reader, data.on_error, augment, seed, modality_dropout)
     split = loaded.splits[name]
+    if loaded.streaming:
+        training, buffer = name == "train", data.shuffle_buffer  # a training stream is shuffled and split
+        return FusionStream(split, reader, data.on_error, augment, seed, modality_dropout, training, buffer)
     images = open_cache(split, reader, processor.cache_side(augment), data.cache) if data.cache else None
     keep = check_rows(split, name, reader, report, data.on_error, data.verify_images, images)
     images = images.select(keep) if images is not None else None

@@ -1,4 +1,5 @@
-"""One row at a time: checking and encoding rows (RowReader), the datasets that serve them, and batching.
+"""One row at a time: checking and encoding rows (RowReader), the map-style dataset that serves them, and batching
+(streams are in streams.py).
 
 Bad rows follow `data.on_error`: `raise` names the split, row and field; `skip` drops and counts them.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 
 from .config import DataConfig, TaskSpec
 from .data import ROW_COLUMN
@@ -164,8 +165,8 @@ def _file_hint(value: Any) -> str:
     return f" (file {path})" if path else ""
 
 
-def _reason(message: str) -> str:
-    """A short category for the skip counts."""
+def reason(message: str) -> str:
+    """A short category of a bad row's message, for the skip counts."""
     for needle, reason in (
         ("not found", "missing image file"),
         ("escapes", "image path outside the data directory"),
@@ -210,7 +211,7 @@ def check_rows(
         except BadInputError as error:
             if on_error == "raise":
                 raise
-            report.add(name, _reason(str(error)), str(error))
+            report.add(name, reason(str(error)), str(error))
             continue
         keep.append(index)
     if reader.processor.truncated > truncated_before:
@@ -286,37 +287,6 @@ class FusionDataset(torch.utils.data.Dataset):
         row = self.split[rows.index(number) if rows is not None else number]
         image = row.get(self.reader.config.image_column)
         return f"{self.reader.split} row {number}" + _file_hint(image)
-
-
-class FusionStream(torch.utils.data.IterableDataset):
-    """A streamed split: rows are checked as they arrive; bad ones raise or are skipped and counted."""
-
-    def __init__(
-        self,
-        split: IterableDataset,
-        reader: RowReader,
-        on_error: str,
-        augment: bool = False,
-        seed: int = 0,
-        modality_dropout: float = 0.0,
-    ) -> None:
-        self.split, self.reader, self.on_error = split, reader, on_error
-        self.augment, self.seed, self.modality_dropout = augment, seed, modality_dropout
-        self.epoch = 0
-        self.report = SkipReport()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        stream = self.split.shuffle(seed=self.seed + self.epoch, buffer_size=1000) if self.augment else self.split
-        for index, row in enumerate(stream):
-            try:
-                yield self.reader.read(row, index, self.epoch, self.augment, self.seed, self.modality_dropout)
-            except BadInputError as error:
-                if self.on_error == "raise":
-                    raise
-                self.report.add(self.reader.split, _reason(str(error)), str(error))
 
 
 @dataclass

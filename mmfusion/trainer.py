@@ -83,9 +83,12 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process))
     scheduler = build_scheduler(optimizer, cfg, loop.plan)
-    model, optimizer, loop.train_loader, loop.val_loader, scheduler = accelerator.prepare(
-        model, optimizer, loop.train_loader, loop.val_loader, scheduler
-    )
+    if loop.streaming:  # a training stream splits itself among the processes (streams.py): accelerate leaves it be
+        model, optimizer, loop.val_loader, scheduler = accelerator.prepare(model, optimizer, loop.val_loader, scheduler)
+    else:
+        model, optimizer, loop.train_loader, loop.val_loader, scheduler = accelerator.prepare(
+            model, optimizer, loop.train_loader, loop.val_loader, scheduler
+        )
     weighting.to(accelerator.device)
     loop.model, loop.weighting = model, weighting
     log(loop.describe())
@@ -95,6 +98,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     if checkpoint:
         loop.state = load_training_state(accelerator, checkpoint, weighting)
         loop.plan.total = loop.state.total_steps or loop.plan.total
+        loop.resume_stream()
         log(f"resumed from {checkpoint} at step {loop.state.step}")
     elif cfg.resume:
         log(f"--train.resume latest: no checkpoint under {output_dir / 'checkpoints'} yet, starting from scratch")

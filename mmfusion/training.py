@@ -171,6 +171,7 @@ class TrainerState:
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
     total_steps: int | None = None  # the planned length (a time budget plans it once)
     evaluations_since_best: int = 0  # for early stopping
+    stream_rows: list[int] | None = None  # a training stream: the rows each process has read in this epoch
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
