@@ -7,6 +7,7 @@ data.py loads what is found here.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,31 @@ def resolve_source(source: str) -> Path:
         ) from None
 
 
+def _files_by_split(path: Path) -> dict[str, list[Path]]:
+    """`datasets`' data-files patterns applied to the data files under `path`. The patterns see a stand-in tree of
+    empty files with the same names, the images left out: globbing every image of a large folder takes minutes."""
+    candidates = [
+        Path(directory, name).relative_to(path)
+        for directory, _, names in os.walk(path)
+        for name in names
+        if Path(name).suffix in TABLE_FORMATS
+    ]
+    with tempfile.TemporaryDirectory() as stand_in:
+        for relative in candidates:
+            twin = Path(stand_in, relative)
+            twin.parent.mkdir(parents=True, exist_ok=True)
+            twin.touch()
+        try:
+            found = DataFilesDict.from_patterns(get_data_patterns(stand_in), base_path=stand_in)
+        except (EmptyDatasetError, FileNotFoundError):
+            return {}
+        base = os.path.realpath(stand_in)
+        return {
+            str(name): sorted(path / os.path.relpath(os.path.realpath(file), base) for file in names)
+            for name, names in found.items()
+        }
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A `save_to_disk` directory."""
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
@@ -66,11 +92,7 @@ def find_split_files(path: Path, fmt: str = "auto") -> SplitFiles:
         if path.suffix not in TABLE_FORMATS:
             raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected one of {sorted(TABLE_FORMATS)}")
         return SplitFiles(TABLE_FORMATS[path.suffix], {"train": [path]}, {"train": path.parent})
-    try:
-        found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
-    except (EmptyDatasetError, FileNotFoundError):
-        found = {}
-    files = {SPLIT_ALIASES.get(str(name), str(name)): sorted(map(Path, names)) for name, names in found.items()}
+    files = {SPLIT_ALIASES.get(name, name): names for name, names in _files_by_split(path).items()}
     metadata = {name: [f for f in names if f.name in METADATA_FILES] for name, names in files.items()}
     imagefolder = fmt == "imagefolder" or (fmt == "auto" and any(metadata.values()))
     if imagefolder:
