@@ -107,3 +107,15 @@ def test_train_py_resumes_a_stream_mid_epoch_bit_identically(tmp_path):
     again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["losses"]) for r in logged if r["split"] == "train" and r["step"] > 3]
     assert losses == [(r["step"], r["losses"]) for r in again if r["split"] == "train"]
+
+
+def test_a_streams_held_out_validation_keeps_its_rows_whatever_the_shard_order(tmp_path):
+    from mmfusion.data import load_splits
+
+    make_hub_repo(tmp_path, {"train": make_rows(30)}, shards=3)
+    loaded = load_splits(tmp_path, DataConfig(path=str(tmp_path), streaming=True, val_fraction=0.3))
+    validation = {row["caption"] for row in loaded.splits["validation"]}
+    assert 0 < len(validation) < 30
+    for seed in (0, 1, 2):  # each epoch shuffles the shards' order: no row may change sides
+        train = {row["caption"] for row in loaded.splits["train"].shuffle(seed=seed, buffer_size=4)}
+        assert not train & validation and len(train | validation) == 30
