@@ -24,10 +24,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(ROOT))
 from mmfusion import FusionConfig, FusionModel, TaskSpec  # noqa: E402
 from mmfusion.config import TrainConfig  # noqa: E402
-from mmfusion.data import model_inputs  # noqa: E402
 from mmfusion.options import load_yaml  # noqa: E402
 from mmfusion.prepare import build_splits  # noqa: E402
-from mmfusion.rows import make_loader  # noqa: E402
+from mmfusion.rows import make_loader, model_inputs  # noqa: E402
 from mmfusion.training import build_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")

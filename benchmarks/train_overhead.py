@@ -23,11 +23,10 @@ from common import ROOT, write_result
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mmfusion.data import model_inputs  # noqa: E402
 from mmfusion.model import FusionModel  # noqa: E402
 from mmfusion.options import parse_args  # noqa: E402
 from mmfusion.prepare import build_splits  # noqa: E402
-from mmfusion.rows import make_loader  # noqa: E402
+from mmfusion.rows import make_loader, model_inputs  # noqa: E402
 from mmfusion.training import build_optimizer, set_cpu_threads  # noqa: E402
 
 WARMUP = 20

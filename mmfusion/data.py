@@ -28,7 +28,6 @@ from .data_files import SPLIT_ALIASES, find_split_files, is_saved_dataset, resol
 from .errors import DataError
 from .processing import as_number
 
-SPLITS = ("train", "validation", "test")
 ROW_COLUMN = "__row__"  # a row's number in its split before bad rows were skipped
 
 
