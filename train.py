@@ -10,6 +10,7 @@ checkpoints/step_N/ (training state for --train.resume), best/ and final/ (from_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from mmfusion import feature_cache
 from mmfusion.card import model_card
 from mmfusion.config import Config, parse_args, save_yaml
 from mmfusion.data import model_inputs
@@ -30,6 +32,7 @@ from mmfusion.hub import resolve_checkpoint
 from mmfusion.losses import build_weighting
 from mmfusion.metrics import LOWER_IS_BETTER
 from mmfusion.model import FusionModel, atomic_directory, load_compatible, read_config
+from mmfusion.pretrained import resolve_pretrained
 from mmfusion.processing import FusionProcessor
 from mmfusion.report import write_report
 from mmfusion.training import (
@@ -83,8 +86,14 @@ def train(config: Config) -> int:
     set_seed(cfg.seed)  # model initialisation and the data order
     set_cpu_threads(accelerator, cfg.cpu_threads)
 
-    # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
+    # ---- the model's config: a checkpoint's, or ours with what the pretrained sources say (architectures, input
+    # size), read once here; --train.cache_features true freezes both encoders
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+    config.model = read_config(init) if init else resolve_pretrained(config.model)
+    if cfg.cache_features:
+        config.model = dataclasses.replace(config.model, freeze_image=True, freeze_text=True)
+
+    # ---- data: tasks, label maps and tokenizer come from the training split (or the checkpoint we start from)
     processor = FusionProcessor.from_pretrained(init) if init else None
     data = prepare_data(config, processor)
     config.tasks = data.tasks
@@ -92,23 +101,32 @@ def train(config: Config) -> int:
         log(f"tasks: {note}")
     log(f"data: {data.report.summary()}")
     train_set, val_set = data.datasets["train"], data.datasets["validation"]
-    pad_id = data.processor.settings.pad_id
-    workers = loader_workers(config.data, accelerator)
-    train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, workers)
-    val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, workers)
-
-    # ---- model: fresh, or the compatible parts of a pretrained fusion checkpoint
-    if init:
-        config.model = read_config(init)
-    config.model.tasks = data.tasks
-    model = FusionModel(config.model)
-    if init:
-        log(load_compatible(model, init))
-    weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
-    optimizer = build_optimizer(model, cfg, weighting.parameters())
     streaming = isinstance(train_set, torch.utils.data.IterableDataset)
     if streaming and not cfg.max_steps:
         raise InputError("--data.streaming true: a stream has no length, so give --train.max_steps")
+
+    # ---- model: fresh (encoders from their pretrained weights), or the compatible parts of a fusion checkpoint
+    config.model.tasks = data.tasks
+    model = FusionModel(config.model, encoder_weights=init is None)
+    if init:
+        log(load_compatible(model, init))
+    collate = None
+    if feature_cache.wanted(cfg.cache_features, model, streaming):  # frozen encoders: run them once per row
+        model.to(accelerator.device)
+        for name in ("train", "validation"):
+            data.datasets[name], note = feature_cache.cached_dataset(model, data.datasets[name], accelerator)
+            log(f"feature cache: {note}")
+        train_set, val_set, collate = (
+            data.datasets["train"],
+            data.datasets["validation"],
+            feature_cache.FeatureCollator(),
+        )
+    pad_id = data.processor.settings.pad_id
+    workers = loader_workers(config.data, accelerator)
+    train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, workers, collate)
+    val_loader = make_loader(val_set, cfg.eval_batch_size, pad_id, False, workers, collate)
+    weighting = build_weighting(cfg.loss_weighting, data.tasks, cfg.seed)
+    optimizer = build_optimizer(model, cfg, weighting.parameters())
     epoch_batches = None if streaming else math.ceil(len(train_loader) / accelerator.num_processes)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(epoch_batches / cfg.grad_accumulation)
     scheduler = build_scheduler(optimizer, cfg, total_steps)

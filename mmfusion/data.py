@@ -451,11 +451,8 @@ class RowReader:
              modality_dropout: float = 0.0) -> dict:  # fmt: skip
         """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
         image, text, labels, masks = self.parse(row, index)
-        image_present, text_present = image is not None, text is not None
-        if modality_dropout > 0 and image_present and text_present:
-            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
-            if draw[0] < modality_dropout:
-                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
+        has = image is not None, text is not None
+        image_present, text_present = presence(*has, modality_dropout, seed, epoch, index)
         key = (seed, epoch, index) if augment else None
         return {
             "row": index,
@@ -466,6 +463,16 @@ class RowReader:
             "labels": labels,
             "label_mask": masks,
         }
+
+
+def presence(image: bool, text: bool, modality_dropout: float, seed: int, epoch: int, index: int) -> tuple[bool, bool]:
+    """Which modalities a row presents in this epoch: with `modality_dropout`, a row that has both drops one of
+    them, drawn from (seed, epoch, index) only."""
+    if modality_dropout > 0 and image and text:
+        draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
+        if draw[0] < modality_dropout:
+            return (False, True) if draw[1] < 0.5 else (True, False)
+    return image, text
 
 
 def _file_hint(value: Any) -> str:
@@ -601,13 +608,14 @@ class Collator:
         }
 
 
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present", "features")
 
 
 def model_inputs(batch: dict, remove: str | None = None) -> dict:
-    """The batch entries that `FusionModel.forward` takes besides labels; `remove="image"|"text"` marks that
-    modality absent in every row (the model then uses its learned placeholder)."""
-    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    """The batch entries that `FusionModel.forward` takes besides labels (a feature-cache batch has `features`
+    instead of pixels and tokens); `remove="image"|"text"` marks that modality absent in every row (the model then
+    uses its learned placeholder)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if remove is not None:
         inputs[f"{remove}_present"] = torch.zeros_like(inputs[f"{remove}_present"])
     return inputs

@@ -1,7 +1,8 @@
 """Fusion layers: combine the image and text `EncoderOutput`s into one [B, dim] representation.
 
 Every fusion returns `FusedOutput` with the output of each of its `layers` (heads may attach at any depth) and
-interpretable `extras` (gate values, attention weights). All take `in_dims={"image": D_i, "text": D_t}`.
+interpretable `extras` (gate values, attention weights). All take `in_dims={"image": D_i, "text": D_t}`, and
+say whether they read token features (`reads_tokens`) or only pooled vectors (all a feature cache then holds).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ResidualTrunk(nn.Module):
 class ConcatFusion(nn.Module):
     """Concatenate the pooled vectors, project, then a residual MLP trunk."""
 
+    reads_tokens = False
+
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         self.project = nn.Linear(sum(in_dims.values()), dim)
@@ -57,6 +60,8 @@ class ConcatFusion(nn.Module):
 
 class GatedFusion(nn.Module):
     """Gated multimodal unit (Arevalo et al. 2017): a sigmoid gate mixes the two projected modalities per dimension."""
+
+    reads_tokens = False
 
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
@@ -75,6 +80,8 @@ class GatedFusion(nn.Module):
 
 class BilinearFusion(nn.Module):
     """Low-rank bilinear pooling (factorised, Yu et al. 2017): sum over `rank` factors of elementwise products."""
+
+    reads_tokens = False
 
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1, rank: int = 16):
         super().__init__()
@@ -98,6 +105,8 @@ class FiLMFusion(nn.Module):
 
     Each layer: x = x + GELU((1 + gamma(t)) * Linear(LN(x)) + beta(t)); gamma and beta start at zero.
     """
+
+    reads_tokens = True
 
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
@@ -129,6 +138,8 @@ class CrossAttentionFusion(nn.Module):
     Each layer's output projects the masked means of both token sequences to [B, dim].
     """
 
+    reads_tokens = True
+
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1, heads: int = 4):
         super().__init__()
         self.image = nn.Linear(in_dims["image"], dim)
@@ -154,6 +165,8 @@ class CrossAttentionFusion(nn.Module):
 
 class LateFusion(nn.Module):
     """No interaction: each modality gets its own trunk, heads run on each and their logits are averaged."""
+
+    reads_tokens = False
 
     def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
