@@ -72,8 +72,11 @@ def merged_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass: transformers models (non-reentrant checkpoints, which also
     work when the inputs need no gradient, as with frozen embeddings) and timm models."""
-    if hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "supports_gradient_checkpointing", False):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     else:
