@@ -17,7 +17,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "query", "key", "value", 
 def lora_targets(model: nn.Module) -> list[str]:
     """Default LoRA targets of a model: its attention projections (transformers' q_proj/k_proj/v_proj or
     query/key/value, timm's qkv); a CNN has none, so there every convolution (depthwise ones excepted) and linear
-    layer inside its numbered blocks."""
+    layer."""
     found = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
@@ -28,8 +28,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.groups == 1)
-        and any(part.isdigit() for part in name.split("."))
+        if isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.groups == 1
     ]
 
 

@@ -123,7 +123,7 @@ class FusionConfig:
     """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off)."""
     image_lora_targets: list[str] | None = None
     """Modules that get image LoRA adapters (peft target_modules names). Unset: the attention projections
-    (q_proj/k_proj/v_proj, query/key/value, qkv); for CNNs, the convolutions and linears inside their blocks."""
+    (q_proj/k_proj/v_proj, query/key/value, qkv); for CNNs, every convolution (not depthwise) and linear layer."""
     text_encoder: TextEncoderName = "lstm"
     """lstm, gru, transformer (from scratch) or hf (a Hugging Face transformers encoder)."""
     text_model: str | None = None
