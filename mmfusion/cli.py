@@ -326,10 +326,15 @@ def describe_architecture(config: FusionConfig, processor: FusionProcessor) -> l
     image = config.image_encoder
     if image == "simple_cnn":
         image += f" (widths {config.image_widths})"
+    if config.image_model:
+        image += f" {config.image_model}"
     if config.image_weights:
         image += f", weights from {config.image_weights}"
+    if config.image_lora_rank:
+        image += f", LoRA rank {config.image_lora_rank}"
     if config.text_encoder == "hf":
         text = f"hf {config.text_model} ({config.text_pooling} pooling)"
+        text += f", LoRA rank {config.text_lora_rank}" if config.text_lora_rank else ""
     else:
         direction = ", bidirectional" if config.bidirectional and config.text_encoder in ("lstm", "gru") else ""
         text = f"{config.text_encoder} (dim {config.text_dim}, layers {config.text_layers}{direction})"

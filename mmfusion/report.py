@@ -511,6 +511,7 @@ def describe_model(config: Config) -> list[list[str]]:
     """Configuration rows of the header: encoders, fusion, tasks, data and optimisation."""
     model, train = config.model, config.train
     image = model.image_encoder + (f" (widths {model.image_widths})" if model.image_encoder == "simple_cnn" else "")
+    image += f" {model.image_model}" if model.image_model else ""
     text = f"hf {model.text_model}" if model.text_encoder == "hf" else f"{model.text_encoder} (dim {model.text_dim})"
     heads = f", {model.fusion_heads} heads" if model.fusion == "cross_attention" else ""
     tasks = "; ".join(
