@@ -287,3 +287,21 @@ def test_train_py_fine_tunes_clip_with_lora_and_timm_with_minilm_style_text(tiny
         assert predictor.processor.settings.image_size == 32
         predictions = predictor.predict([random_image(0)], ["a red picture"])
         assert set(predictions[0]) == {"label", "score", "tags"}
+
+
+def test_recipes_name_their_pretrained_sources():
+    """The two recipes parse; test_train_py_fine_tunes_* runs their options on tiny stand-in sources."""
+    from pathlib import Path
+
+    from mmfusion.config import parse_args
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    timm_recipe = parse_args(["--config", str(configs / "timm_minilm_cross_attention.yaml")])
+    assert (timm_recipe.model.image_encoder, timm_recipe.model.image_model) == (
+        "timm", "hf-hub:timm/convnext_tiny.fb_in22k_ft_in1k",
+    )  # fmt: skip
+    assert timm_recipe.model.fusion == "cross_attention" and timm_recipe.train.layer_decay == 0.8
+    clip_recipe = parse_args(["--config", str(configs / "clip_finetune_lora.yaml")])
+    assert clip_recipe.model.pretrained == "clip:openai/clip-vit-base-patch32"
+    assert (clip_recipe.model.image_lora_rank, clip_recipe.model.text_lora_rank) == (8, 8)
+    assert {task.type for task in clip_recipe.tasks} >= {"matching"}
