@@ -58,7 +58,7 @@ def weights_digest(model: FusionModel) -> str:
         for name, tensor in encoder.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

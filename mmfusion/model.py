@@ -136,7 +136,7 @@ class FusionModel(nn.Module):
         first[:, 0] = True
         mask = torch.where(keep, encoded.mask, first)
         tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
-        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid)
 
     def encoder_outputs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -15,7 +15,7 @@ from test_train import TINY, _run
 from mmfusion import Config, FusionModel
 from mmfusion.config import DataConfig
 from mmfusion.data import Collator
-from mmfusion.feature_cache import FeatureCollator, cache_key, cached_dataset, wanted
+from mmfusion.feature_cache import FeatureCollator, cache_key, cached_dataset, wanted, weights_digest
 from mmfusion.training import prepare_data
 
 
@@ -92,6 +92,15 @@ def test_cache_is_reused_and_keyed_by_data_processor_and_weights(data, tmp_path,
         tokens = expected["text"].tokens[index, :length]
         torch.testing.assert_close(features["text.tokens"][:length], tokens, atol=1e-6, rtol=1e-5)
         assert features["text.mask"][:length].all() and not features["text.mask"][length:].any()
+
+
+def test_weights_digest_covers_normalisation_statistics():
+    """BatchNorm buffers count too: a CNN's running statistics change its outputs."""
+    model = FusionModel(tiny_config(image_encoder="timm", image_model="test_resnet"))
+    digest = weights_digest(model)
+    with torch.no_grad():
+        model.image_encoder.model.bn1.running_mean[0] += 1.0
+    assert weights_digest(model) != digest and len(digest) == 64
 
 
 def test_cache_is_used_when_both_encoders_are_frozen_unless_told():

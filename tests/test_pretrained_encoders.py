@@ -210,6 +210,8 @@ def test_untrained_matching_logits_equal_the_dual_models(tiny_sources, kind):
                           attention_mask=tokens["attention_mask"] if kind == "clip" else None).logits_per_image  # fmt: skip
         logits = model(pixel_values=pixels, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(logits.logits["pair"], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the image tokens' grid survives the placeholder step, for heads that rebuild maps
+        assert model.encode(pixels, batch["input_ids"], batch["attention_mask"])["image"].grid == (4, 4)
     head = model.heads["pair"]
     assert float(head.logit_bias.detach()) == (-1.5 if kind == "siglip" else 0.0)
 
