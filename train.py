@@ -112,15 +112,14 @@ def train(config: Config) -> int:
         log(load_compatible(model, init))
     collate = None
     if feature_cache.wanted(cfg.cache_features, model, streaming):  # frozen encoders: run them once per row
+        if config.data.augment:
+            log("feature cache: training images are not augmented (features are computed once per row)")
         model.to(accelerator.device)
         for name in ("train", "validation"):
             data.datasets[name], note = feature_cache.cached_dataset(model, data.datasets[name], accelerator)
             log(f"feature cache: {note}")
-        train_set, val_set, collate = (
-            data.datasets["train"],
-            data.datasets["validation"],
-            feature_cache.FeatureCollator(),
-        )
+        train_set, val_set = data.datasets["train"], data.datasets["validation"]
+        collate = feature_cache.FeatureCollator()
     pad_id = data.processor.settings.pad_id
     workers = loader_workers(config.data, accelerator)
     train_loader = make_loader(train_set, cfg.batch_size, pad_id, True, workers, collate)

@@ -47,19 +47,21 @@ def make_data(root: Path, rows: int) -> None:
             pixels[..., channel] = np.maximum(pixels[..., channel], 160)
             Image.fromarray(pixels).save(directory / f"{i:04d}.png")
             label = ["red", "green", "blue"][channel]
-            lines.append(json.dumps({"file_name": f"{i:04d}.png", "caption": f"a mostly {label} picture number {i}",
-                                     "label": label}))  # fmt: skip
+            lines.append(
+                json.dumps(
+                    {"file_name": f"{i:04d}.png", "caption": f"a mostly {label} picture number {i}", "label": label}
+                )
+            )
         (directory / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def run(data: Path, output: Path, fusion: str, cached: bool, epochs: int) -> dict:
-    command = [
-        sys.executable, str(ROOT / "train.py"), "--data.path", str(data), "--train.output_dir", str(output),
-        "--model.image_encoder", "timm", "--model.image_model", "resnet18", "--model.text_encoder", "hf",
-        "--model.text_model", minilm(), "--model.freeze_image", "true", "--model.freeze_text", "true",
-        "--model.fusion", fusion, "--data.augment", "false", "--train.epochs", str(epochs),
-        "--train.batch_size", "32", "--train.cache_features", str(cached).lower(), "--train.report", "false",
-    ]  # fmt: skip
+    frozen = "--model.freeze_image true --model.freeze_text true --data.augment false"
+    options = f"--model.image_encoder timm --model.image_model resnet18 --model.text_encoder hf {frozen}"
+    options += f" --model.fusion {fusion} --train.epochs {epochs} --train.batch_size 32 --train.report false"
+    options += f" --train.cache_features {str(cached).lower()}"
+    command = [sys.executable, str(ROOT / "train.py"), "--data.path", str(data), "--train.output_dir", str(output)]
+    command += ["--model.text_model", minilm(), *options.split()]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     if result.returncode != 0:
         raise RuntimeError(f"train.py failed:\n{result.stderr[-3000:]}")
@@ -96,11 +98,16 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row))
-    write_result("feature_cache", {
-        "model": "timm resnet18 (random weights, pretrained=False) at 224 px + all-MiniLM-L6-v2, both frozen",
-        "rows": {"train": args.rows, "validation": max(8, args.rows // 4)}, "epochs": args.epochs, "batch": 32,
-        "results": rows,
-    })  # fmt: skip
+    write_result(
+        "feature_cache",
+        {
+            "model": "timm resnet18 (random weights, pretrained=False) at 224 px + all-MiniLM-L6-v2, both frozen",
+            "rows": {"train": args.rows, "validation": max(8, args.rows // 4)},
+            "epochs": args.epochs,
+            "batch": 32,
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

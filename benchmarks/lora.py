@@ -42,17 +42,27 @@ def measure(variant: str, image_model: str, batch_size: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     tasks = [TaskSpec("topic", num_labels=5), TaskSpec("pair", "matching")]
-    config = FusionConfig(image_encoder="timm", image_model=image_model, image_size=224, text_encoder="hf",
-                          text_model=minilm(), fusion="concat", tasks=tasks, **VARIANTS[variant])  # fmt: skip
+    config = FusionConfig(
+        image_encoder="timm",
+        image_model=image_model,
+        image_size=224,
+        text_encoder="hf",
+        text_model=minilm(),
+        fusion="concat",
+        tasks=tasks,
+        **VARIANTS[variant],
+    )
     model = FusionModel(config).to(device).train()
     optimizer = build_optimizer(model, TrainConfig())
     batch = {
         "pixel_values": torch.randn(batch_size, 3, 224, 224, device=device),
         "input_ids": torch.randint(1000, 20000, (batch_size, 32), device=device),
         "attention_mask": torch.ones(batch_size, 32, dtype=torch.long, device=device),
-        "labels": {"topic": torch.randint(0, 5, (batch_size,), device=device),
-                   "pair": torch.ones(batch_size, dtype=torch.long, device=device)},
-    }  # fmt: skip
+        "labels": {
+            "topic": torch.randint(0, 5, (batch_size,), device=device),
+            "pair": torch.ones(batch_size, dtype=torch.long, device=device),
+        },
+    }
 
     def step() -> None:
         model(**batch).loss.backward()
@@ -91,17 +101,21 @@ def main() -> None:
         return
     rows = []
     for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch),
-                   "--image-model", image_model]  # fmt: skip
+        command = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch)]
+        command += ["--image-model", image_model]
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"{variant} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1])
-    write_result("lora", {
-        "model": f"timm {image_model} (random weights, pretrained=False) at 224 px + all-MiniLM-L6-v2, concat",
-        "batch": args.batch, "rows": rows,
-    })  # fmt: skip
+    write_result(
+        "lora",
+        {
+            "model": f"timm {image_model} (random weights, pretrained=False) at 224 px + all-MiniLM-L6-v2, concat",
+            "batch": args.batch,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

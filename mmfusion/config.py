@@ -120,7 +120,8 @@ class FusionConfig:
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
     image_lora_rank: int = 0
-    """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off)."""
+    """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off);
+    they train at --train.encoder_lr."""
     image_lora_targets: list[str] | None = None
     """Modules that get image LoRA adapters (peft target_modules names). Unset: the attention projections
     (q_proj/k_proj/v_proj, query/key/value, qkv); for CNNs, every convolution (not depthwise) and linear layer."""
@@ -256,7 +257,8 @@ class TrainConfig:
     lr: float = 2e-3
     """Learning rate of the new parts (fusion, heads, encoders trained from scratch)."""
     encoder_lr: float = 5e-5
-    """Learning rate of pretrained encoders (those loaded from weights)."""
+    """Learning rate of pretrained encoders (those loaded from weights), their LoRA adapters, and the matching heads
+    of a --model.pretrained dual encoder."""
     weight_decay: float = 0.01
     """AdamW weight decay (never applied to norms and biases)."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"

@@ -189,9 +189,12 @@ class TimmImageEncoder(nn.Module):
             if not Path(weights_file).is_file():
                 raise FileNotFoundError(f"image_weights: no such file: {weights_file}")
             source = timm.create_model(
-                self.model.pretrained_cfg["architecture"], pretrained=True, num_classes=0,
-                pretrained_cfg_overlay={"file": str(weights_file)}, **self.model_kwargs,
-            )  # fmt: skip
+                self.model.pretrained_cfg["architecture"],
+                pretrained=True,
+                num_classes=0,
+                pretrained_cfg_overlay={"file": str(weights_file)},
+                **self.model_kwargs,
+            )
         elif timm_has_weights(image_model):
             kwargs = {k: v for k, v in self.model_kwargs.items() if k == "img_size"}  # the rest come from the source
             source = timm.create_model(timm_source(image_model), pretrained=True, num_classes=0, **kwargs)

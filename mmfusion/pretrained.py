@@ -209,17 +209,13 @@ def image_settings_for(model: FusionConfig, data: DataConfig) -> dict[str, Any]:
     """ProcessorSettings image fields: the encoder's own preprocessing (timm data config, hf image processor),
     ImageNet statistics and a squashing bilinear resize otherwise; `--model.image_size` and the `--data` image
     options override. `model` must be resolved (see `resolve_pretrained`)."""
-    settings: dict[str, Any] = {
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "resize": "squash", "crop_pct": 1.0,
-    }  # fmt: skip
+    settings = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", resize="squash", crop_pct=1.0)
     if model.image_encoder == "timm":
         settings.update(_timm_image_settings(model.image_model_config))
     elif model.image_encoder == "hf":
         settings.update(_hf_image_settings(model.image_model) or {})
     settings["image_size"] = model.image_size or settings.get("image_size", DEFAULT_IMAGE_SIZE)
-    overrides = {
-        "mean": data.image_mean, "std": data.image_std, "interpolation": data.interpolation, "crop_pct": data.crop_pct,
-    }  # fmt: skip
+    overrides = dict(mean=data.image_mean, std=data.image_std, interpolation=data.interpolation, crop_pct=data.crop_pct)
     settings.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
     return settings
 

@@ -36,9 +36,13 @@ class RNNEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: FusionConfig, weights: bool = True) -> RNNEncoder:
         return cls(
-            config.text_encoder, config.vocab_size, config.text_dim, config.text_layers, config.bidirectional,
+            config.text_encoder,
+            config.vocab_size,
+            config.text_dim,
+            config.text_layers,
+            config.bidirectional,
             config.dropout,
-        )  # fmt: skip
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         mask = attention_mask.bool()
@@ -70,9 +74,14 @@ class TransformerTextEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: FusionConfig, weights: bool = True) -> TransformerTextEncoder:
         return cls(
-            config.vocab_size, config.text_dim, config.text_layers, config.text_heads, config.max_text_length,
-            config.dropout, config.text_pooling,
-        )  # fmt: skip
+            config.vocab_size,
+            config.text_dim,
+            config.text_layers,
+            config.text_heads,
+            config.max_text_length,
+            config.dropout,
+            config.text_pooling,
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         length = input_ids.shape[1]

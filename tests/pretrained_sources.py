@@ -33,8 +33,15 @@ def tiny_tokenizer(directory: Path) -> int:
 
 
 def text_config(vocab: int) -> dict:
-    return dict(vocab_size=vocab, hidden_size=32, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
-                eos_token_id=3, **LAYERS)  # fmt: skip
+    return dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **LAYERS,
+    )
 
 
 def tiny_dual(directory: Path, kind: str):

@@ -123,8 +123,9 @@ def test_cnn_lora_targets_and_an_explicit_override(tiny_sources):
 # ----- gradient checkpointing -----
 
 
-@pytest.mark.parametrize("name,block", [("clip", "text_encoder.model.encoder.layers.0.mlp"),
-                                        ("timm_vit", "image_encoder.model.blocks.0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,block", [("clip", "text_encoder.model.encoder.layers.0.mlp"), ("timm_vit", "image_encoder.model.blocks.0")]
+)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sources, name, block):
     def step(checkpointing: bool) -> tuple[dict, int]:
         torch.manual_seed(0)
@@ -149,8 +150,13 @@ def test_layer_decay_scales_each_blocks_learning_rate(tiny_sources):
     config = config_for(tiny_sources, "vit", text_encoder="hf", text_model=str(tiny_sources["bert"]))
     model = FusionModel(config)
     optimizer = build_optimizer(model, TrainConfig(lr=0.5, encoder_lr=1.0, layer_decay=0.5))
-    lr = {key: group["lr"] for group in optimizer.param_groups for p in group["params"]
-          for key, q in model.named_parameters() if q is p}  # fmt: skip
+    lr = {
+        key: group["lr"]
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for key, q in model.named_parameters()
+        if q is p
+    }
     # 2 blocks each: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, after the blocks (ViT's final norm) 1
     assert lr["text_encoder.model.embeddings.word_embeddings.weight"] == 0.125
     assert lr["text_encoder.model.encoder.layer.0.attention.self.query.weight"] == 0.25
@@ -184,14 +190,18 @@ def test_pretrained_parts_are_those_with_weights(tiny_sources):
         (["--model.text_lora_rank", "4"], "--model.text_lora_rank needs an hf text encoder"),
         (["--model.image_encoder", "timm"], "--model.image_encoder timm needs --model.image_model"),
         (["--model.pretrained", "openai/clip"], "--model.pretrained must be clip:PATH_OR_ID, got 'openai/clip'"),
-        (["--model.pretrained", "clip:x", "--model.image_lora_rank", "2", "--model.freeze_image", "true"],
-         "LoRA adapters train inside the encoder"),
+        (
+            ["--model.pretrained", "clip:x", "--model.image_lora_rank", "2", "--model.freeze_image", "true"],
+            "LoRA adapters train inside the encoder",
+        ),
         (["--train.layer_decay", "0"], "--train.layer_decay must be in (0, 1], got 0.0"),
-        (["--model.pretrained", "clip:x", "--model.text_lora_rank", "2", "--train.cache_features", "true"],
-         "--train.cache_features true needs fixed encoders"),
+        (
+            ["--model.pretrained", "clip:x", "--model.text_lora_rank", "2", "--train.cache_features", "true"],
+            "--train.cache_features true needs fixed encoders",
+        ),
         (["--data.crop_pct", "1.5"], "--data.crop_pct must be in (0, 1], got 1.5"),
     ],
-)  # fmt: skip
+)
 def test_option_errors_name_the_option(args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         parse_args(["--data.path", "data", *args])

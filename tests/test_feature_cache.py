@@ -38,9 +38,9 @@ def _train_losses(run: Path) -> list[float]:
 def test_cached_run_makes_the_uncached_frozen_runs_updates(data, tmp_path, capsys, fusion, extra):
     """concat reads pooled vectors only (all the cache then holds); cross_attention reads tokens, and modality
     dropout still drops a modality per row and epoch."""
-    common = ["--data.path", str(data), *TINY, "--train.max_steps", "6", "--train.log_every", "1",
-              "--model.freeze_image", "true", "--model.freeze_text", "true", "--data.augment", "false",
-              "--model.dropout", "0", "--model.fusion", fusion, *extra]  # fmt: skip
+    frozen = "--model.freeze_image true --model.freeze_text true --data.augment false --model.dropout 0"
+    common = ["--data.path", str(data), *TINY, *f"--train.max_steps 6 --train.log_every 1 {frozen}".split()]
+    common += ["--model.fusion", fusion, *extra]
     assert _run([*common, "--train.cache_features", "false", "--train.output_dir", str(tmp_path / "plain")]) == 0
     assert "feature cache" not in capsys.readouterr().out
     assert _run([*common, "--train.output_dir", str(tmp_path / "cached")]) == 0  # unset: on, both encoders frozen
@@ -56,8 +56,10 @@ def test_cached_run_makes_the_uncached_frozen_runs_updates(data, tmp_path, capsy
 
 def test_cache_is_reused_and_keyed_by_data_processor_and_weights(data, tmp_path, monkeypatch):
     monkeypatch.setenv("MMFUSION_CACHE", str(tmp_path / "cache"))  # empty: not the one the runs above filled
-    config = Config(model=tiny_config(freeze_image=True, freeze_text=True, fusion="cross_attention"),
-                    data=DataConfig(path=str(data)))  # fmt: skip
+    config = Config(
+        model=tiny_config(freeze_image=True, freeze_text=True, fusion="cross_attention"),
+        data=DataConfig(path=str(data)),
+    )
     prepared = prepare_data(config)
     config.model.tasks = prepared.tasks
     torch.manual_seed(0)
@@ -114,10 +116,22 @@ def test_cache_is_used_when_both_encoders_are_frozen_unless_told():
 def test_collator_cuts_texts_to_the_longest_present_text():
     def row(length: int, present: bool) -> dict:
         mask = torch.arange(6) < length
-        features = {"image.pooled": torch.ones(4), "image.tokens": torch.ones(2, 4), "image.mask": torch.ones(2) > 0,
-                    "text.pooled": torch.ones(4), "text.tokens": torch.ones(6, 4), "text.mask": mask}  # fmt: skip
-        return {"row": 0, "features": features, "image_present": True, "text_present": present, "labels": {},
-                "label_mask": {}}  # fmt: skip
+        features = {
+            "image.pooled": torch.ones(4),
+            "image.tokens": torch.ones(2, 4),
+            "image.mask": torch.ones(2) > 0,
+            "text.pooled": torch.ones(4),
+            "text.tokens": torch.ones(6, 4),
+            "text.mask": mask,
+        }
+        return {
+            "row": 0,
+            "features": features,
+            "image_present": True,
+            "text_present": present,
+            "labels": {},
+            "label_mask": {},
+        }
 
     batch = FeatureCollator()([row(3, True), row(5, False), row(2, True)])
     text = batch["features"]["text"]

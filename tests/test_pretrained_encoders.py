@@ -131,20 +131,34 @@ def test_processor_settings_come_from_the_encoders_data_config(tiny_sources):
     resnet = resolve_pretrained(image_config("timm", tiny_sources["timm_resnet"]))
     assert resnet.image_size == 160
     assert image_settings_for(resnet, data) == {
-        "image_size": 160, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
-        "resize": "shortest_edge", "crop_pct": 0.95,
-    }  # fmt: skip
+        "image_size": 160,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+        "resize": "shortest_edge",
+        "crop_pct": 0.95,
+    }
     clip = resolve_pretrained(image_config("hf", tiny_sources["clip"]))
     assert image_settings_for(clip, data) == {
-        "image_size": 32, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "shortest_edge",
+        "image_size": 32,
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+        "interpolation": "bicubic",
+        "resize": "shortest_edge",
         "crop_pct": 1.0,
-    }  # fmt: skip
+    }
     overridden = DataConfig(image_mean=[0.1, 0.2, 0.3], image_std=[1, 1, 1], interpolation="nearest", crop_pct=0.5)
     settings = image_settings_for(
         resolve_pretrained(image_config("hf", tiny_sources["clip"], image_size=48)), overridden
     )
-    assert settings == {"image_size": 48, "mean": (0.1, 0.2, 0.3), "std": (1, 1, 1), "interpolation": "nearest",
-                        "resize": "shortest_edge", "crop_pct": 0.5}  # fmt: skip
+    assert settings == {
+        "image_size": 48,
+        "mean": (0.1, 0.2, 0.3),
+        "std": (1, 1, 1),
+        "interpolation": "nearest",
+        "resize": "shortest_edge",
+        "crop_pct": 0.5,
+    }
     plain = image_settings_for(resolve_pretrained(image_config("simple_cnn", None)), data)
     assert plain["image_size"] == 64 and plain["resize"] == "squash" and plain["interpolation"] == "bilinear"
 
@@ -180,8 +194,7 @@ def test_siglip_texts_are_padded_to_the_models_length(tiny_sources):
 def test_pretrained_clip_sets_both_towers_and_pooling(tiny_sources):
     source = str(tiny_sources["clip"])
     config = resolve_pretrained(FusionConfig(pretrained=f"clip:{source}", text_pooling="mean", tasks=TASKS))
-    assert (config.image_encoder, config.text_encoder, config.image_model, config.text_model) == ("hf", "hf", source,
-                                                                                                   source)  # fmt: skip
+    assert config.image_encoder == config.text_encoder == "hf" and config.image_model == config.text_model == source
     assert config.text_pooling == "pooler" and config.image_model_config["model_type"] == "clip"
     with pytest.raises(ValueError, match="pretrained must be clip:PATH_OR_ID, got 'siglip:x'"):
         resolve_pretrained(FusionConfig(pretrained="siglip:x", tasks=TASKS))
@@ -196,9 +209,10 @@ def test_untrained_matching_logits_equal_the_dual_models(tiny_sources, kind):
     processor = build_processor(config, TASKS, loaded=None)
     torch.manual_seed(123)
     model = FusionModel(config.model).eval()
-    rows = [{"input_ids": processor.encode_text(t), "text_present": True} for t in TEXTS]
-    batch = Collator(processor.settings.pad_id)([{**r, "pixel_values": torch.zeros(1), "image_present": True,
-                                                  "labels": {}, "label_mask": {}, "row": 0} for r in rows])  # fmt: skip
+    row = {"pixel_values": torch.zeros(1), "image_present": True, "text_present": True, "labels": {}, "label_mask": {}}
+    batch = Collator(processor.settings.pad_id)(
+        [{**row, "input_ids": processor.encode_text(t), "row": 0} for t in TEXTS]
+    )
     pixels = torch.stack([processor.image_tensor(random_image(i)) for i in range(len(TEXTS))])
     source = AutoModel.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -206,8 +220,11 @@ def test_untrained_matching_logits_equal_the_dual_models(tiny_sources, kind):
     tokens = tokenizer(TEXTS, return_tensors="pt", **padding)
     assert torch.equal(tokens["input_ids"], batch["input_ids"])  # the model's tokenizer, as the model expects it
     with torch.no_grad():
-        expected = source(input_ids=tokens["input_ids"], pixel_values=pixels,
-                          attention_mask=tokens["attention_mask"] if kind == "clip" else None).logits_per_image  # fmt: skip
+        expected = source(
+            input_ids=tokens["input_ids"],
+            pixel_values=pixels,
+            attention_mask=tokens["attention_mask"] if kind == "clip" else None,
+        ).logits_per_image
         logits = model(pixel_values=pixels, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(logits.logits["pair"], expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the image tokens' grid survives the placeholder step, for heads that rebuild maps
@@ -273,16 +290,15 @@ def test_train_py_fine_tunes_clip_with_lora_and_timm_with_minilm_style_text(tiny
     from helpers import make_imagefolder, make_rows
 
     make_imagefolder(tmp_path / "data", {"train": make_rows(12), "validation": make_rows(4, 100)})
-    common = ["--data.path", str(tmp_path / "data"), "--train.max_steps", "2", "--train.batch_size", "4",
-              "--train.report", "false", "--model.dim", "16"]  # fmt: skip
+    common = ["--data.path", str(tmp_path / "data"), *"--train.max_steps 2 --train.batch_size 4 --model.dim 16".split()]
+    common += ["--train.report", "false"]
     runs = {
-        "clip": ["--model.pretrained", f"clip:{tiny_sources['clip']}", "--model.image_lora_rank", "2",
-                 "--model.text_lora_rank", "2", "--train.layer_decay", "0.8"],
-        "timm": ["--model.image_encoder", "timm", "--model.image_model", str(tiny_sources["timm_vit"]),
-                 "--model.text_encoder", "hf", "--model.text_model", str(tiny_sources["bert"]),
-                 "--model.fusion", "cross_attention", "--model.fusion_heads", "2",
-                 "--model.gradient_checkpointing", "true"],
-    }  # fmt: skip
+        "clip": ["--model.pretrained", f"clip:{tiny_sources['clip']}"]
+        + "--model.image_lora_rank 2 --model.text_lora_rank 2 --train.layer_decay 0.8".split(),
+        "timm": ["--model.image_model", str(tiny_sources["timm_vit"]), "--model.text_model", str(tiny_sources["bert"])]
+        + "--model.image_encoder timm --model.text_encoder hf --model.fusion cross_attention".split()
+        + "--model.fusion_heads 2 --model.gradient_checkpointing true".split(),
+    }
     for name, options in runs.items():
         assert _run([*common, *options, "--train.output_dir", str(tmp_path / name)]) == 0
         predictor = Predictor.from_pretrained(str(tmp_path / name / "final"), device="cpu")
@@ -300,8 +316,9 @@ def test_recipes_name_their_pretrained_sources():
     configs = Path(__file__).resolve().parents[1] / "configs"
     timm_recipe = parse_args(["--config", str(configs / "timm_minilm_cross_attention.yaml")])
     assert (timm_recipe.model.image_encoder, timm_recipe.model.image_model) == (
-        "timm", "hf-hub:timm/convnext_tiny.fb_in22k_ft_in1k",
-    )  # fmt: skip
+        "timm",
+        "hf-hub:timm/convnext_tiny.fb_in22k_ft_in1k",
+    )
     assert timm_recipe.model.fusion == "cross_attention" and timm_recipe.train.layer_decay == 0.8
     clip_recipe = parse_args(["--config", str(configs / "clip_finetune_lora.yaml")])
     assert clip_recipe.model.pretrained == "clip:openai/clip-vit-base-patch32"
