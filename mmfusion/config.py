@@ -493,6 +493,10 @@ def check_values(config: Config) -> list[str]:
             model.pretrained is None or model.pretrained.startswith("clip:") and len(model.pretrained) > 5,
             f"--model.pretrained must be clip:PATH_OR_ID, got {model.pretrained!r}",
         ),
+        (
+            model.text_pooling != "pooler" or model.text_encoder == "hf" or model.pretrained,
+            "--model.text_pooling pooler needs an hf text encoder (its model's own pooled output)",
+        ),
         (model.image_lora_rank >= 0, f"--model.image_lora_rank must be >= 0, got {model.image_lora_rank}"),
         (model.text_lora_rank >= 0, f"--model.text_lora_rank must be >= 0, got {model.text_lora_rank}"),
         (

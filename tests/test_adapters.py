@@ -200,6 +200,7 @@ def test_pretrained_parts_are_those_with_weights(tiny_sources):
             "--train.cache_features true needs fixed encoders",
         ),
         (["--data.crop_pct", "1.5"], "--data.crop_pct must be in (0, 1], got 1.5"),
+        (["--model.text_pooling", "pooler"], "--model.text_pooling pooler needs an hf text encoder"),
     ],
 )
 def test_option_errors_name_the_option(args, message):
