@@ -50,7 +50,9 @@ class Loop:
     """The training loop's state and its bookkeeping between optimizer steps: logging, evaluating (best/), saving
     the training state, the time budget, early stopping, signals; and the end of the run."""
 
-    def __init__(self, config: Config, accelerator: Accelerator, prepared: Prepared, metrics: MetricsLog) -> None:
+    def __init__(
+        self, config: Config, accelerator: Accelerator, prepared: Prepared, metrics: MetricsLog, collate=None
+    ) -> None:
         self.config, self.cfg, self.accelerator = config, config.train, accelerator
         self.prepared, self.metrics, self.log = prepared, metrics, accelerator.print
         self.output_dir = Path(self.cfg.output_dir)
@@ -60,8 +62,8 @@ class Loop:
         if self.streaming and not self.cfg.max_steps:
             raise InputError("--data.streaming true: a stream has no length, so give --train.max_steps")
         pad_id, workers = prepared.processor.settings.pad_id, loader_workers(config.data, accelerator)
-        self.train_loader = make_loader(self.train_set, self.cfg.batch_size, pad_id, True, workers)
-        self.val_loader = make_loader(self.val_set, self.cfg.eval_batch_size, pad_id, False, workers)
+        self.train_loader = make_loader(self.train_set, self.cfg.batch_size, pad_id, True, workers, collate)
+        self.val_loader = make_loader(self.val_set, self.cfg.eval_batch_size, pad_id, False, workers, collate)
         self.epoch_batches = None if self.streaming else math.ceil(len(self.train_loader) / accelerator.num_processes)
         self.plan = StepPlan(self.planned_steps())
         self.budget = TimeBudget(self.cfg.time_limit, metrics.start) if self.cfg.time_limit else None

@@ -17,6 +17,7 @@ import torch
 from .config import Config, DataConfig, TaskSpec
 from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
 from .errors import DataError
+from .pretrained import image_settings_for, text_settings_for
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_split
 
@@ -46,14 +47,11 @@ def data_settings(data: DataConfig) -> dict[str, Any]:
 
 def build_processor(config: Config, loaded: LoadedData) -> tuple[FusionProcessor, dict[str, Any]]:
     """The HF model's tokenizer for `hf`, else a tokenizer trained on the training text; returns the processor and
-    the model settings that follow from it (vocabulary size, longest text)."""
+    the model settings that follow from it (vocabulary size, longest text). Images and texts are prepared as the
+    pretrained encoders expect (`pretrained.image_settings_for`); `config.model` is resolved."""
     model, data = config.model, config.data
-    settings = ProcessorSettings(
-        image_size=model.image_size,
-        max_text_length=data.max_text_length,
-        max_image_pixels=data.max_image_pixels,
-        **data_settings(data),
-    )
+    images, texts = image_settings_for(model, data), text_settings_for(model, data)
+    settings = ProcessorSettings(**images, **texts, max_image_pixels=data.max_image_pixels, **data_settings(data))
     learned: dict[str, Any] = {"max_text_length": max(model.max_text_length, data.max_text_length)}
     if model.text_encoder == "hf":
         tokenizer, settings.pad_id = hf_tokenizer(model.text_model)
