@@ -16,13 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from mmfusion.config import Config, parse_args, save_yaml
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad options are answered here, before torch and the trainer are imported (fast)
+
+import torch  # noqa: E402
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from mmfusion.card import model_card
-from mmfusion.config import Config, parse_args, save_yaml
 from mmfusion.data import model_inputs
 from mmfusion.errors import CheckpointWriteError, InputError
 from mmfusion.evaluation import evaluate

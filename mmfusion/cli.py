@@ -18,31 +18,17 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import tyro
-from accelerate import Accelerator
 
 from .config import Config, DataConfig, FusionConfig, TaskSpec, check_values
-from .data import (
-    SPLIT_ALIASES,
-    FusionDataset,
-    FusionStream,
-    RowReader,
-    SkipReport,
-    check_columns,
-    check_split,
-    load_dataset,
-)
 from .errors import BadInputError, DataError, InputError
-from .evaluation import MODALITY_ABLATIONS, evaluate
-from .hub import resolve_checkpoint
-from .metrics import PRIMARY_METRIC, MultiTaskMetrics
-from .model import CONFIG_NAME, FusionModel
-from .predictor import Predictor, label_names
-from .processing import FusionProcessor
-from .report import Report
-from .training import loader_workers, make_loader
+
+if TYPE_CHECKING:  # torch, datasets and accelerate are imported when a command runs, so --help starts fast
+    from .data import SkipReport
+    from .model import FusionModel
+    from .processing import FusionProcessor
 
 Checkpoint = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
 SHOWN_SCORES = 10  # classes listed per task in a human-readable prediction
@@ -68,6 +54,11 @@ class Evaluate:
     """Also evaluate with the image removed and with the text removed (the modality-contribution table)."""
 
     def run(self) -> int:
+        from .data import SPLIT_ALIASES
+        from .hub import resolve_checkpoint
+        from .model import FusionModel
+        from .processing import FusionProcessor
+
         problems = check_values(Config(data=self.data)) + _positive("--batch_size", self.batch_size)
         if problems:
             raise InputError("; ".join(problems))
@@ -76,34 +67,65 @@ class Evaluate:
         processor = FusionProcessor.from_pretrained(checkpoint)
         tasks = model.config.tasks
         split = SPLIT_ALIASES.get(self.split, self.split)
-        dataset, report = load_split(self.data, split, processor, tasks)
-        accelerator = Accelerator()
-        workers = loader_workers(self.data, accelerator)
-        loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, workers)
-        results = MultiTaskMetrics(tasks)
-        model, loader = accelerator.prepare(model, loader)
-        metrics = evaluate(model, loader, accelerator, tasks, metrics=results)
-        matrices = results.confusion_matrices()
-        ablations = {}
-        if self.modalities:
-            for modality in MODALITY_ABLATIONS:
-                ablations[f"without_{modality}"] = evaluate(model, loader, accelerator, tasks, remove=modality)
-        if not accelerator.is_main_process:
+        result = evaluate_checkpoint(model, processor, self.data, split, self.batch_size, self.modalities)
+        if not result.main_process:
             return 0
-        print(f"{checkpoint} on the {split} split of {self.data.path}: {report.summary()}\n")
-        print(format_metrics(metrics, tasks, matrices))
-        if ablations:
-            print("\n" + format_contributions({"both": metrics, **ablations}, tasks))
+        print(f"{checkpoint} on the {split} split of {self.data.path}: {result.report.summary()}\n")
+        print(format_metrics(result.metrics, tasks, result.confusion_matrices))
+        if result.ablations:
+            print("\n" + format_contributions({"both": result.metrics, **result.ablations}, tasks))
         if self.output:
-            record = evaluation_record(str(checkpoint), split, metrics, tasks, matrices, report)
-            record.update(ablations)
+            record = evaluation_record(
+                str(checkpoint), split, result.metrics, tasks, result.confusion_matrices, result.report
+            )
+            record.update(result.ablations)
             write_text(Path(self.output), json.dumps(record, indent=2) + "\n")
             print(f"\nwrote {self.output}")
         return 0
 
 
+@dataclass
+class Evaluation:
+    """One checkpoint on one split: metrics, confusion matrices, the modality ablations and the skipped rows."""
+
+    metrics: dict
+    confusion_matrices: dict[str, list[list[int]]]
+    ablations: dict[str, dict]
+    report: SkipReport
+    main_process: bool = True
+
+
+def evaluate_checkpoint(model: FusionModel, processor: FusionProcessor, data: DataConfig, split: str,
+                        batch_size: int = 64, modalities: bool = False, source: Any = None,
+                        cpu: bool = False) -> Evaluation:  # fmt: skip
+    """The evaluation of `mmfusion evaluate`, `Predictor.evaluate` and `mmfusion.evaluate`: the checked rows of
+    `split` of `source` (default: data.path; or anything `load_dataset` takes), then `evaluation.evaluate`.
+    `modalities` adds the runs without the image and without the text; `cpu` keeps accelerate off the GPU."""
+    from accelerate import Accelerator
+
+    from .evaluation import MODALITY_ABLATIONS, evaluate
+    from .metrics import MultiTaskMetrics
+    from .training import loader_workers, make_loader
+
+    tasks = model.config.tasks
+    dataset, report = load_split(data, split, processor, tasks, source)
+    accelerator = Accelerator(cpu=cpu)
+    workers = loader_workers(data, accelerator)
+    loader = make_loader(dataset, batch_size, processor.settings.pad_id, False, workers)
+    results = MultiTaskMetrics(tasks)
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(model, loader, accelerator, tasks, metrics=results)
+    ablations = {}
+    if modalities:
+        for modality in MODALITY_ABLATIONS:
+            ablations[f"without_{modality}"] = evaluate(model, loader, accelerator, tasks, remove=modality)
+    return Evaluation(metrics, results.confusion_matrices(), ablations, report, accelerator.is_main_process)
+
+
 def format_contributions(table: dict[str, dict], tasks: list[TaskSpec]) -> str:
     """Each task's primary metric with both modalities, without the image and without the text."""
+    from .metrics import PRIMARY_METRIC
+
     lines = [f"{'task (primary metric)':<32}" + "".join(f"{name:>16}" for name in table)]
     for spec in tasks:
         metric = PRIMARY_METRIC[spec.type][0]
@@ -117,13 +139,18 @@ def _positive(option: str, value: int) -> list[str]:
     return [] if value > 0 else [f"{option} must be > 0, got {value}"]
 
 
-def load_split(data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec]):
+def load_split(data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec], source: Any = None):
     """The checked rows of one split (bad rows raise or are skipped per --data.on_error) and the skip report.
+    `source` is anything `load_dataset` takes (default: data.path).
 
     Labels are encoded with the checkpoint's label maps, so a label the model never saw is a bad row."""
-    loaded = load_dataset(data.path, data, for_training=False)
+    from .data import FusionDataset, FusionStream, RowReader, SkipReport, check_columns, check_split, load_dataset
+
+    loaded = load_dataset(data.path if source is None else source, data, for_training=False)
     if split not in loaded.splits:
-        raise DataError(f"{data.path}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)")
+        raise DataError(
+            f"{loaded.source}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)"
+        )
     rows = loaded.splits[split]
     check_columns(rows, split, tasks, data)
     reader = RowReader(processor, tasks, data, loaded.roots[split], split, data.missing_modality == "placeholder")
@@ -137,6 +164,8 @@ def load_split(data: DataConfig, split: str, processor: FusionProcessor, tasks: 
 
 def format_metrics(metrics: dict, tasks: list[TaskSpec], matrices: dict[str, list[list[int]]]) -> str:
     """Each task's metrics, one per line, then its confusion matrix (classification), then the summary."""
+    from .predictor import label_names
+
     lines = []
     for spec in tasks:
         values = metrics[spec.name]
@@ -163,6 +192,8 @@ def format_matrix(labels: list[str], matrix: list[list[int]]) -> list[str]:
 def evaluation_record(checkpoint: str, split: str, metrics: dict, tasks: list[TaskSpec], matrices: dict,
                       report: SkipReport) -> dict:  # fmt: skip
     """What --output holds: metrics, labelled confusion matrices, skipped rows by reason, checkpoint and split."""
+    from .predictor import label_names
+
     names = {spec.name: label_names(spec) for spec in tasks}
     return {
         "checkpoint": checkpoint,
@@ -210,6 +241,8 @@ class Predict:
     """Rows per batch."""
 
     def run(self) -> int:
+        from .predictor import Predictor
+
         single = self.image is not None or self.text is not None
         if single == (self.input is not None):
             raise InputError("give --image and/or --text for one prediction, or --input FILE for many")
@@ -307,6 +340,10 @@ class Inspect:
     """Checkpoint directory (e.g. runs/mine/best) or Hugging Face Hub model id."""
 
     def run(self) -> int:
+        from .hub import resolve_checkpoint
+        from .model import CONFIG_NAME, FusionModel
+        from .processing import FusionProcessor
+
         checkpoint = resolve_checkpoint(self.checkpoint)
         model = FusionModel.from_pretrained(checkpoint)
         processor = FusionProcessor.from_pretrained(checkpoint)
@@ -345,6 +382,8 @@ def describe_architecture(config: FusionConfig, processor: FusionProcessor) -> l
 
 def describe_tasks(tasks: list[TaskSpec]) -> list[str]:
     """Each task's type, column and labels (regression: the target statistics)."""
+    from .predictor import label_names
+
     lines = [f"tasks ({len(tasks)})"]
     for spec in tasks:
         if spec.type == "regression":
@@ -415,6 +454,35 @@ def metrics_line(metrics: dict) -> str:
             shown = [f"{k} {v:.4f}" for k, v in values.items() if k != "count" and isinstance(v, float)]
             parts.append(f"{task}: {', '.join(shown) or 'no labels'}")
     return " | ".join(parts)
+
+
+# ----- report -----
+
+RunDir = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+
+
+@dataclass
+class Report:
+    """report.html of a training run: curves, validation metrics, confusion matrices, modality contributions,
+    gate values or attention maps, and the most confident errors (figures also in RUN_DIR/report/)."""
+
+    run_dir: RunDir
+    """Training output directory (train.output_dir) with config.yaml and metrics.jsonl."""
+    checkpoint: str = "best"
+    """Checkpoint subdirectory of RUN_DIR to re-evaluate on the validation split (best or final)."""
+    data_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
+    """The run's data, when it is no longer at config.yaml's data.path."""
+    batch_size: Annotated[int | None, tyro.conf.arg(metavar="INT")] = None
+    """Rows per batch of the re-evaluation (default: the run's eval_batch_size, so its numbers match the log's)."""
+
+    def run(self) -> int:
+        from .report import FIGURE_DIR, write_report
+
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise InputError(f"--batch_size must be > 0, got {self.batch_size}")
+        page = write_report(Path(self.run_dir), self.checkpoint, self.data_path, self.batch_size)
+        print(f"wrote {page} (figures in {page.parent / FIGURE_DIR})")
+        return 0
 
 
 # ----- entry point -----
