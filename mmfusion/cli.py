@@ -1,10 +1,12 @@
-"""`mmfusion` console script: evaluate a checkpoint on labelled data, predict with it, inspect it.
+"""`mmfusion` console script: evaluate a checkpoint on labelled data, predict with it, inspect, export, serve it.
 
     mmfusion evaluate runs/mine/best --data.path my_data/ --split test --output metrics.json
     mmfusion predict runs/mine/best --image cat.jpg --text "a photo of a cat"
     mmfusion predict runs/mine/best --input rows.jsonl --output predictions.jsonl
     mmfusion inspect runs/mine/best
     mmfusion report runs/mine
+    mmfusion export runs/mine/best --format onnx --output exported/
+    mmfusion serve runs/mine/best --port 8000
 
 CHECKPOINT is a directory written by train.py (`output_dir/best`, `output_dir/final`) or a Hugging Face Hub model
 id. Bad input (a missing file, an unseen label, a bad option value) prints `mmfusion <command>: error: <message>`
@@ -485,9 +487,99 @@ class Report:
         return 0
 
 
+# ----- export -----
+
+
+@dataclass
+class Export:
+    """Write a checkpoint's model as an ONNX graph, with its config and processor files beside it, and check it
+    against torch on a test batch (see mmfusion/export.py for the graph's inputs and outputs)."""
+
+    checkpoint: Checkpoint
+    """Checkpoint directory (e.g. runs/mine/best) or Hugging Face Hub model id."""
+    output: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """Directory for model.onnx, config.json, processor.json and tokenizer.json."""
+    format: Literal["onnx"] = "onnx"
+    """Export format."""
+    opset: int = 17
+    """ONNX opset version."""
+
+    def run(self) -> int:
+        from .export import export_onnx
+
+        exported = export_onnx(self.checkpoint, self.output, self.opset)
+        print(f"wrote {exported.path} with config.json, processor.json and tokenizer.json beside it")
+        print(f"largest |onnxruntime - torch| on a check batch: {exported.max_difference:.2e}")
+        return 0
+
+
+# ----- serve -----
+
+
+@dataclass
+class Serve:
+    """An HTTP server for predictions (FastAPI under uvicorn): POST /predict, GET /health, GET /model (see
+    mmfusion/serve.py for the request formats)."""
+
+    checkpoint: Checkpoint
+    """Checkpoint directory (e.g. runs/mine/best), Hugging Face Hub model id, or with --backend onnx a directory
+    written by mmfusion export."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port to listen on."""
+    backend: Literal["torch", "onnx"] = "torch"
+    """Run the model with torch, or the exported graph with onnxruntime."""
+    image_root: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    """Directory that JSON requests may name images in (image_path); without it, paths are refused."""
+    max_batch: int = 32
+    """Most inputs of concurrent requests run in one forward pass."""
+    max_wait_ms: float = 5.0
+    """How long the first input of a batch waits for others to join it."""
+    max_image_bytes: int = 10_000_000
+    """Largest accepted image file."""
+    max_image_pixels: int = 25_000_000
+    """Largest accepted image area (width x height)."""
+    max_text_chars: int = 10_000
+    """Longest accepted text."""
+
+    def run(self) -> int:
+        sizes = {
+            "--port": self.port,
+            "--max_batch": self.max_batch,
+            "--max_image_bytes": self.max_image_bytes,
+            "--max_image_pixels": self.max_image_pixels,
+            "--max_text_chars": self.max_text_chars,
+        }
+        problems = [problem for option, value in sizes.items() for problem in _positive(option, value)]
+        if self.max_wait_ms < 0:
+            problems.append(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.image_root and not Path(self.image_root).is_dir():
+            problems.append(f"--image_root {self.image_root} is not a directory")
+        if problems:
+            raise InputError("; ".join(problems))
+        import uvicorn
+
+        from .hub import resolve_checkpoint
+        from .predictor import Predictor
+        from .serve import create_app
+
+        checkpoint = str(resolve_checkpoint(self.checkpoint))
+        predictor = Predictor.from_pretrained(checkpoint, backend=self.backend)
+        uvicorn.run(create_app(predictor, self, checkpoint, self.backend), host=self.host, port=self.port)
+        return 0
+
+
 # ----- entry point -----
 
-COMMANDS = {"evaluate": Evaluate, "predict": Predict, "inspect": Inspect, "report": Report}
+COMMANDS = {
+    "evaluate": Evaluate,
+    "predict": Predict,
+    "inspect": Inspect,
+    "report": Report,
+    "export": Export,
+    "serve": Serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Loading paired image-text data with Hugging Face `datasets`, checking every row, and batching it.
 
 Accepted: a directory in imagefolder layout (`{split}/metadata.jsonl|csv` with `file_name`), a directory of
-`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, or a
-`datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file, bytes, or decoded images.
+`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, a
+`datasets.Dataset` / `DatasetDict`, or a pandas DataFrame / dict of DataFrames per split. Images may be paths
+relative to the data file, bytes, or decoded images.
 Bad rows follow `data.on_error`: `raise` names the split, row and field; `skip` drops and counts them.
 """
 
@@ -13,7 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -22,7 +23,11 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from .config import DataConfig, TaskSpec
 from .errors import BadInputError, DataError
+from .frames import is_frame, to_datasets
 from .processing import FusionProcessor, as_number, open_image
+
+if TYPE_CHECKING:
+    import pandas
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
@@ -74,14 +79,19 @@ class SkipReport:
 
 
 def load_dataset(
-    source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig, for_training: bool = True
+    source: str | os.PathLike | Dataset | DatasetDict | pandas.DataFrame | dict[str, pandas.DataFrame],
+    config: DataConfig,
+    for_training: bool = True,
 ) -> LoadedData:
     """Read the splits of `source`. For training there must be a train split, and without a validation split
-    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are."""
+    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are.
+    A pandas DataFrame is the train split, a dict of DataFrames names its splits (see `frames.to_dataset`)."""
+    name = "DataFrame" if is_frame(source) else "dict of DataFrames" if isinstance(source, dict) else None
+    source = to_datasets(source, config.image_column)
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
         root = Path(config.image_root or ".")
-        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
+        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=name or type(source).__name__)
     else:
         loaded = _load_path(Path(source), config)
     loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mmfusion import FusionConfig, TaskSpec
@@ -97,3 +99,27 @@ def make_imagefolder(root, splits=None, metadata="jsonl") -> None:
                 writer = csv.DictWriter(f, fieldnames=[k for k in public[0] if k != "tags"])
                 writer.writeheader()
                 writer.writerows({k: v for k, v in r.items() if k != "tags"} for r in public)
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def sample_checkpoint(directory, image_encoder="simple_cnn", text_encoder="lstm", fusion="concat", seed=0, **overrides):
+    """A tiny random model for the bundled sample data's tasks (labels, regression statistics and tokenizer from
+    its test split, plus the `pair` matching task), saved with its processor as train.py saves best/."""
+    from mmfusion.config import DataConfig
+    from mmfusion.data import fit_tasks, infer_tasks, load_dataset
+    from mmfusion.model import FusionModel
+    from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
+
+    data = DataConfig(path=str(SAMPLE / "test"))
+    rows = load_dataset(data.path, data, for_training=False).splits["train"]
+    tasks, _ = infer_tasks(rows, data)
+    tasks = fit_tasks([*tasks, TaskSpec(name="pair", type="matching")], rows, data)
+    processor = FusionProcessor(train_tokenizer(rows["caption"], vocab_size=200), ProcessorSettings(image_size=32))
+    torch.manual_seed(seed)
+    overrides = {"tasks": tasks, "vocab_size": processor.vocab_size, **overrides}
+    model = FusionModel(tiny_config(image_encoder, text_encoder, fusion, **overrides))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
