@@ -47,7 +47,7 @@ class LoadedData:
 
     @property
     def streaming(self) -> bool:
-        return isinstance(self.splits["train"], IterableDataset)
+        return any(isinstance(split, IterableDataset) for split in self.splits.values())  # evaluation: maybe no train
 
 
 @dataclass

@@ -97,7 +97,7 @@ def predictions_frame(predictions: list[dict[str, dict]], tasks: list[TaskSpec],
 
     classification: `<task>` (label) and `<task>_score_<label>` (probability) columns; multilabel: `<task>` (list
     of labels with probability >= 0.5) and score columns; regression: `<task>` in the target's units; matching:
-    `<task>` (image-text cosine similarity; None when the image or the text is missing)."""
+    `<task>` (image-text cosine similarity; NaN when the image or the text is missing)."""
     import pandas
 
     from .predictor import label_names
