@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from .config import DataConfig, TaskSpec
 from .errors import BadInputError, DataError
-from .frames import is_frame, to_datasets
+from .frames import frames_kind, to_datasets
 from .processing import FusionProcessor, as_number, open_image
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def load_dataset(
     """Read the splits of `source`. For training there must be a train split, and without a validation split
     `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are.
     A pandas DataFrame is the train split, a dict of DataFrames names its splits (see `frames.to_dataset`)."""
-    name = "DataFrame" if is_frame(source) else "dict of DataFrames" if isinstance(source, dict) else None
+    name = frames_kind(source)
     source = to_datasets(source, config.image_column)
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}

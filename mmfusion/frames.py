@@ -78,16 +78,26 @@ def to_dataset(frame, image_column: str):
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
+def frames_kind(data) -> str | None:
+    """What pandas input `data` is: a DataFrame, a dict of DataFrames (any DataFrame among its values), or None."""
+    if is_frame(data):
+        return "DataFrame"
+    if isinstance(data, dict) and any(is_frame(value) for value in data.values()):
+        return "dict of DataFrames"
+    return None
+
+
 def to_datasets(data, image_column: str):
     """A DataFrame -> Dataset; a dict of DataFrames per split -> DatasetDict; anything else as it is."""
     import datasets
 
-    if is_frame(data):
+    kind = frames_kind(data)
+    if kind == "DataFrame":
         return to_dataset(data, image_column)
-    if isinstance(data, dict):
+    if kind == "dict of DataFrames":
         others = sorted(f"{split}: {type(frame).__name__}" for split, frame in data.items() if not is_frame(frame))
-        if not data or others:
-            raise DataError(f"expected a dict of pandas DataFrames per split, got {others or 'an empty dict'}")
+        if others:
+            raise DataError(f"expected a dict of pandas DataFrames per split, got {others}")
         return datasets.DatasetDict({split: to_dataset(frame, image_column) for split, frame in data.items()})
     return data
 

@@ -77,7 +77,7 @@ def test_bad_frames_are_named(test_rows):
     with pytest.raises(BadInputError, match=r"^DataFrame row 'b', field 'image': expected an image path, bytes or"):
         load_dataset(frame, DataConfig(), for_training=False)
     with pytest.raises(DataError, match=r"expected a dict of pandas DataFrames per split, got \['test: list'\]"):
-        load_dataset({"test": [1, 2]}, DataConfig(), for_training=False)
+        load_dataset({"train": frame, "test": [1, 2]}, DataConfig(), for_training=False)
 
 
 def test_predict_on_a_frame_is_the_list_prediction_on_its_index(predictor, test_rows):
