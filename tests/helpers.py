@@ -110,16 +110,22 @@ def sample_checkpoint(directory, image_encoder="simple_cnn", text_encoder="lstm"
     from mmfusion.config import DataConfig
     from mmfusion.data import fit_tasks, infer_tasks, load_dataset
     from mmfusion.model import FusionModel
-    from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
+    from mmfusion.processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 
     data = DataConfig(path=str(SAMPLE / "test"))
     rows = load_dataset(data.path, data, for_training=False).splits["train"]
     tasks, _ = infer_tasks(rows, data)
     tasks = fit_tasks([*tasks, TaskSpec(name="pair", type="matching")], rows, data)
-    processor = FusionProcessor(train_tokenizer(rows["caption"], vocab_size=200), ProcessorSettings(image_size=32))
+    pad_id = 0
+    if text_encoder == "hf":  # the model's own tokenizer, as train.py uses
+        tokenizer, pad_id = hf_tokenizer(overrides["text_model"])
+    else:
+        tokenizer = train_tokenizer(rows["caption"], vocab_size=200)
     torch.manual_seed(seed)
-    overrides = {"tasks": tasks, "vocab_size": processor.vocab_size, **overrides}
+    overrides = {"tasks": tasks, "vocab_size": tokenizer.get_vocab_size(), **overrides}
     model = FusionModel(tiny_config(image_encoder, text_encoder, fusion, **overrides))
+    sizes = {"image_size": model.config.image_size, "max_text_length": model.config.max_text_length}
+    processor = FusionProcessor(tokenizer, ProcessorSettings(**sizes, pad_id=pad_id))
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

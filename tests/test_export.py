@@ -34,18 +34,20 @@ MODELS = [
 ]
 
 
-def largest_difference(checkpoint, exported) -> float:
-    """Over the sample test split in batches of 100, a fifth of the images and some texts removed."""
+def largest_difference(checkpoint, exported, rows: int | None = None) -> float:
+    """Over the sample test split (its first `rows`) in batches of 100, a fifth of the images and some texts removed."""
     model = FusionModel.from_pretrained(checkpoint).eval()
     onnx_model = OnnxFusionModel.from_pretrained(exported)
     processor = FusionProcessor.from_pretrained(checkpoint)
     dataset, _ = load_split(DataConfig(path=str(SAMPLE)), "test", processor, model.config.tasks)
+    dataset = torch.utils.data.Subset(dataset, range(rows or len(dataset)))
     generator = torch.Generator().manual_seed(0)
     largest = 0.0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=100, collate_fn=Collator(processor.settings.pad_id)):
         inputs = model_inputs(batch)
-        inputs["image_present"] = torch.rand(100, generator=generator) > 0.2
-        inputs["text_present"] = ~inputs["image_present"] | (torch.rand(100, generator=generator) > 0.2)
+        size = len(batch["row"])
+        inputs["image_present"] = torch.rand(size, generator=generator) > 0.2
+        inputs["text_present"] = ~inputs["image_present"] | (torch.rand(size, generator=generator) > 0.2)
         with torch.no_grad():
             expected = task_outputs(model(**inputs), model.config.tasks)
         found = task_outputs(onnx_model(**inputs), model.config.tasks)
@@ -59,7 +61,8 @@ def test_onnxruntime_equals_torch_on_the_sample_test_split(text_encoder, fusion,
     checkpoint = sample_checkpoint(tmp_path / "best", "simple_cnn", text_encoder, fusion, **extra)
     exported = export_onnx(checkpoint, tmp_path / "onnx")
     assert exported.max_difference <= TOLERANCE
-    assert largest_difference(checkpoint, tmp_path / "onnx") <= TOLERANCE
+    rows = 200 if text_encoder == "hf" else None  # MiniLM costs ~100x the small encoders: the first 200 rows
+    assert largest_difference(checkpoint, tmp_path / "onnx", rows) <= TOLERANCE
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
