@@ -169,7 +169,8 @@ def write_onnx(model: FusionModel, processor: FusionProcessor, path: str | os.Pa
 def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, opset: int = OPSET) -> Exported:
     """`mmfusion export`: the checkpoint's model as `output/model.onnx`, with its config and processor files.
     The graph is then run on a check batch of another size and text length than the traced one, with absent
-    images and texts; it must give the model's outputs (up to TOLERANCE)."""
+    images and texts; it must give the model's outputs (up to TOLERANCE) in torch's NCHW layout, the exact one
+    (benchmarks/export.py: the channels_last path's GroupNorm drifts up to ~3e-4 from float64 on CPU)."""
     directory = resolve_checkpoint(str(checkpoint))
     model = FusionModel.from_pretrained(directory)
     processor = FusionProcessor.from_pretrained(directory)
@@ -178,6 +179,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, opset:
     path = write_onnx(model, processor, output / ONNX_NAME, opset)
     processor.save_pretrained(output)
     shutil.copyfile(directory / CONFIG_NAME, output / CONFIG_NAME)
+    model.use_channels_last(False)  # the reference: torch's channels_last GroupNorm on CPU is ~1e-4 off exact
     difference = max_difference(model, OnnxFusionModel(model.config, path), example_inputs(processor, 5, 7, seed=1))
     if not difference <= TOLERANCE:
         raise ExportError(f"{path}: onnxruntime's outputs differ from torch's by {difference:.3g} on a check batch")
