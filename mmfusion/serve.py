@@ -231,11 +231,13 @@ def make_row(reader, image: bytes | None, path: str | None, text: str | None, ro
     try:
         source = image if path is None else image_file(path, root, options)
         decoded = None if source is None else decode(source, field, options)
-        text = None if text is None else reader.text(text, "field 'text'")
-        return reader.read({IMAGE: decoded, TEXT: text}, 0)
     except BadInputError as error:
-        message = str(error)
-        raise RequestError(400, "text" if message.startswith("field 'text'") else field, message) from None
+        raise RequestError(400, field, str(error)) from None
+    try:
+        text = None if text is None else reader.text(text, "field 'text'")
+    except BadInputError as error:
+        raise RequestError(400, "text", str(error)) from None
+    return reader.read({IMAGE: decoded, TEXT: text}, 0)
 
 
 def image_file(path: str, root: Path | None, options: Serve) -> str:

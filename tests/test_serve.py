@@ -212,3 +212,22 @@ def test_the_model_endpoint_lists_tasks_labels_and_versions(server, checkpoint):
     assert info["tasks"][1] == {"name": "background", "type": "classification", "labels": predictor_tasks[1].labels}
     assert info["backend"] == "torch" and info["versions"]["mmfusion"] == info["versions"]["checkpoint_mmfusion"]
     assert {key: info["limits"][key] for key in LIMITS} == LIMITS
+
+
+def test_the_onnx_backend_serves_the_exported_graph(checkpoint, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmfusion.cli import Serve
+    from mmfusion.export import export_onnx
+    from mmfusion.serve import create_app
+
+    exported = export_onnx(checkpoint, tmp_path / "onnx").path.parent
+    predictor = Predictor.from_pretrained(exported, backend="onnx")
+    image, text = (IMAGES / "00003.png").read_bytes(), "a picture of one red square"
+    expected = predictor.predict([image], [text])[0]
+    app = create_app(predictor, Serve(checkpoint=str(exported), backend="onnx"), str(exported), "onnx")
+    with TestClient(app) as client:
+        answer = client.post("/predict", files={"image": ("x.png", image)}, data={"text": text})
+        info = client.get("/model").json()
+    assert answer.status_code == 200 and close(answer.json()["predictions"], expected)
+    assert info["backend"] == "onnx" and "onnxruntime" in info["versions"]
