@@ -97,9 +97,16 @@ class Evaluation:
     main_process: bool = True
 
 
-def evaluate_checkpoint(model: FusionModel, processor: FusionProcessor, data: DataConfig, split: str,
-                        batch_size: int = 64, modalities: bool = False, source: Any = None,
-                        cpu: bool = False) -> Evaluation:  # fmt: skip
+def evaluate_checkpoint(
+    model: FusionModel,
+    processor: FusionProcessor,
+    data: DataConfig,
+    split: str,
+    batch_size: int = 64,
+    modalities: bool = False,
+    source: Any = None,
+    cpu: bool = False,
+) -> Evaluation:
     """The evaluation of `mmfusion evaluate`, `Predictor.evaluate` and `mmfusion.evaluate`: the checked rows of
     `split` of `source` (default: data.path; or anything `load_dataset` takes), then `evaluation.evaluate`.
     `modalities` adds the runs without the image and without the text; `cpu` keeps accelerate off the GPU."""
