@@ -13,6 +13,7 @@ default exporter (torch.export-based, `dynamo=True`) on each text encoder. Write
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -149,7 +150,8 @@ def main() -> None:
                 f"{image:<16} {text:<12} export {row['export_s']:>5.1f} s  |diff| {row['max_abs_difference']}  "
                 f"pairs/s {row['inference_pairs_per_s']}  {row.get('torch_export_based_exporter', '')}"
             )
-    write_result("export", {"image_size": 64, "fusion": "concat", "models": rows})
+    load = os.getloadavg()[0]  # the machine is shared: other work slows the speed figures, not the differences
+    write_result("export", {"image_size": 64, "fusion": "concat", "load_average": load, "models": rows})
 
 
 if __name__ == "__main__":

@@ -142,12 +142,14 @@ def main() -> None:
                 f"{name:<10} {figures['requests_per_s']:>7.1f} requests/s  p50 {figures['latency_ms']['p50']} ms  "
                 f"p99 {figures['latency_ms']['p99']} ms  largest batch {figures['largest_batch']}"
             )
+    load = os.getloadavg()[0]  # other work on a shared machine slows the server and the clients
     write_result(
         "serve",
         {
             "model": model,
             "requests": args.requests,
             "concurrency": args.concurrency,
+            "load_average": load,
             "request": "multipart PNG (64x64) + caption",
             "settings": results,
         },

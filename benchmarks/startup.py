@@ -46,7 +46,13 @@ def main() -> None:
         print(f"{name:<28} best {min(times):.2f} s of {args.repeats}")
     path = RESULTS / "startup.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    results[args.label] = {"environment": environment(), "repeats": args.repeats, "commands": figures}
+    load = os.getloadavg()[0]  # other work on a shared machine slows every start
+    results[args.label] = {
+        "environment": environment(),
+        "load_average": load,
+        "repeats": args.repeats,
+        "commands": figures,
+    }
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
