@@ -129,3 +129,24 @@ def sample_checkpoint(directory, image_encoder="simple_cnn", text_encoder="lstm"
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def same_prediction(found, expected, tolerance=1e-5) -> bool:
+    """Equal predictions; floats to `tolerance` (a batch's composition changes float rounding, not results), and
+    labels equal unless a score within `tolerance` of a tie (or of 0.5, multilabel) could decide otherwise."""
+    if isinstance(expected, dict) and "scores" in expected:
+        scores = expected["scores"]
+        if not same_prediction(found["scores"], scores, tolerance):
+            return False
+        if "label" in expected:
+            top = sorted(scores.values())[-2:]
+            return found["label"] == expected["label"] or top[1] - top[0] <= 2 * tolerance
+        undecided = {name for name, p in scores.items() if abs(p - 0.5) <= tolerance}
+        return set(found["labels"]) ^ set(expected["labels"]) <= undecided
+    if isinstance(expected, dict):
+        return found.keys() == expected.keys() and all(
+            same_prediction(found[k], expected[k], tolerance) for k in expected
+        )
+    if isinstance(expected, float):
+        return abs(found - expected) <= tolerance
+    return found == expected

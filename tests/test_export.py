@@ -3,13 +3,13 @@ text encoders, with images and texts missing in some rows; the exported director
 
 from __future__ import annotations
 
+import json
 import math
 
 import onnx
-import pandas as pd
 import pytest
 import torch
-from helpers import SAMPLE, sample_checkpoint
+from helpers import SAMPLE, same_prediction, sample_checkpoint
 
 from mmfusion.cli import load_split, main
 from mmfusion.config import DataConfig
@@ -116,19 +116,19 @@ def test_the_onnx_predictor_predicts_and_evaluates_as_the_torch_one(exported):
     checkpoint, directory = exported
     torch_predictor = Predictor.from_pretrained(checkpoint, device="cpu")
     onnx_predictor = Predictor.from_pretrained(directory, backend="onnx")
-    rows = pd.read_json(SAMPLE / "test" / "metadata.jsonl", lines=True, dtype=False).head(40)
-    rows = rows.rename(columns={"file_name": "image"})
-    rows.loc[rows.index[::7], "image"] = None  # some rows without an image, some without a text
-    rows.loc[rows.index[4::9], "caption"] = None
-    expected = torch_predictor.predict(rows, image_root=SAMPLE / "test")
-    found = onnx_predictor.predict(rows, image_root=SAMPLE / "test")
-    pd.testing.assert_frame_equal(found, expected, check_exact=False, atol=TOLERANCE, rtol=0)
+    rows = [json.loads(line) for line in (SAMPLE / "test" / "metadata.jsonl").read_text().splitlines()[:40]]
+    images = [None if i % 7 == 0 else row["file_name"] for i, row in enumerate(rows)]  # some rows without an image,
+    texts = [None if i % 9 == 4 else row["caption"] for i, row in enumerate(rows)]  # some without a text
+    expected = torch_predictor.predict(images, texts, image_root=SAMPLE / "test")
+    found = onnx_predictor.predict(images, texts, image_root=SAMPLE / "test")
+    for i, (got, want) in enumerate(zip(found, expected)):
+        assert same_prediction(got, want, TOLERANCE), f"row {i}: {got} != {want}"
     metrics = onnx_predictor.evaluate(str(SAMPLE), split="test")
     reference = torch_predictor.evaluate(str(SAMPLE), split="test")
-    for task, values in reference.items():
+    for task, values in reference.items():  # 0.005: a label decided by a near-tie may flip in a row or two of 500
         if isinstance(values, dict):
             assert values.keys() == metrics[task].keys()
-            assert all(math.isclose(values[k], metrics[task][k], abs_tol=1e-3) for k in values), task
+            assert all(math.isclose(values[k], metrics[task][k], abs_tol=5e-3) for k in values), task
 
 
 def test_an_onnx_directory_without_a_graph_is_a_clear_error(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import SAMPLE, sample_checkpoint
+from helpers import SAMPLE, same_prediction, sample_checkpoint
 from PIL import Image
 
 from mmfusion.predictor import Predictor
@@ -77,7 +77,7 @@ def server(checkpoint, tmp_path_factory):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
-    log.close()
+    log.same_prediction()
 
 
 def requests_and_inputs(count: int) -> list[tuple[dict, tuple]]:
@@ -104,15 +104,6 @@ def requests_and_inputs(count: int) -> list[tuple[dict, tuple]]:
     return cases
 
 
-def close(found, expected, tolerance=1e-5) -> bool:
-    """Equal predictions; floats to `tolerance` (a batch's composition changes float rounding, not results)."""
-    if isinstance(expected, dict):
-        return found.keys() == expected.keys() and all(close(found[k], expected[k], tolerance) for k in expected)
-    if isinstance(expected, float):
-        return abs(found - expected) <= tolerance
-    return found == expected
-
-
 @pytest.mark.timeout(240)
 def test_concurrent_requests_are_batched_and_answered_as_the_predictor_predicts(server, checkpoint):
     cases = requests_and_inputs(200)
@@ -122,7 +113,7 @@ def test_concurrent_requests_are_batched_and_answered_as_the_predictor_predicts(
         answers = list(pool.map(lambda case: client.post("/predict", **case[0]), cases))
     assert [answer.status_code for answer in answers] == [200] * len(cases)
     for i, (answer, want) in enumerate(zip(answers, expected)):
-        assert close(answer.json()["predictions"], want), f"request {i}: {answer.json()} != {want}"
+        assert same_prediction(answer.json()["predictions"], want), f"request {i}: {answer.json()} != {want}"
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["requests"] >= 200
     assert health["largest_batch"] > 1 and health["batches"] < health["requests"]  # requests shared forward passes
@@ -229,5 +220,5 @@ def test_the_onnx_backend_serves_the_exported_graph(checkpoint, tmp_path):
     with TestClient(app) as client:
         answer = client.post("/predict", files={"image": ("x.png", image)}, data={"text": text})
         info = client.get("/model").json()
-    assert answer.status_code == 200 and close(answer.json()["predictions"], expected)
+    assert answer.status_code == 200 and same_prediction(answer.json()["predictions"], expected)
     assert info["backend"] == "onnx" and "onnxruntime" in info["versions"]
