@@ -77,7 +77,7 @@ def server(checkpoint, tmp_path_factory):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
-    log.same_prediction()
+    log.close()
 
 
 def requests_and_inputs(count: int) -> list[tuple[dict, tuple]]:
