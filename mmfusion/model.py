@@ -124,7 +124,7 @@ class FusionModel(nn.Module):
         pooled = torch.where(keep, encoded.pooled, placeholder)
         first = torch.zeros_like(encoded.mask)
         first[:, 0] = True
-        mask = torch.where(keep, encoded.mask, first)
+        mask = (encoded.mask & keep) | (first & ~keep)  # bool logic, not where: onnxruntime has no bool Where
         tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
         return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid)
 

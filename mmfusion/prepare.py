@@ -120,16 +120,20 @@ def build_splits(
 
 
 def load_split(
-    data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec]
+    data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec], source: Any = None
 ) -> tuple[torch.utils.data.Dataset, SkipReport]:
     """For evaluation: the checked rows of one split, encoded with a checkpoint's processor and label maps (so a
     label the model never saw is a bad row), and the skip report. Data without a validation split gives the rows
-    that training held out of train as its validation split."""
-    loaded = load_splits(data.path, data, for_training=False)
+    that training held out of train as its validation split. `source`: anything `load_splits` takes (default:
+    data.path)."""
+    source = data.path if source is None else source
+    loaded = load_splits(source, data, for_training=False)
     if split == "validation" and split not in loaded.splits and "train" in loaded.splits:
-        loaded = load_splits(data.path, data, for_training=True)  # the rows training held out of train
+        loaded = load_splits(source, data, for_training=True)  # the rows training held out of train
     if split not in loaded.splits:
-        raise DataError(f"{data.path}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)")
+        raise DataError(
+            f"{loaded.source}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)"
+        )
     check_columns(loaded.splits[split], split, tasks, data)
     report = SkipReport()
     dataset = split_dataset(loaded, split, processor, tasks, data, report)
