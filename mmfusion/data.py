@@ -41,7 +41,7 @@ class LoadedData:
     """Raw splits plus, for each, the directory that relative image paths start from."""
 
     splits: dict[str, Dataset | IterableDataset]
-    roots: dict[str, Path]
+    roots: dict[str, Path | None]
     source: str
     held_out: bool = False  # validation was held out of train (its rows keep their numbers in the train data)
 
@@ -65,7 +65,7 @@ def load_splits(
     source = to_datasets(source, config.image_column)
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
-        root = Path(config.image_root or ".")
+        root = Path(config.image_root) if config.image_root else None  # built in Python: paths as the user gave
         loaded = LoadedData(splits, dict.fromkeys(splits, root), source=name or type(source).__name__)
     else:
         loaded = _load_path(Path(source), config)

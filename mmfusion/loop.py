@@ -314,10 +314,11 @@ class Loop:
             from .report import write_report
 
             self.log(f"report: {write_report(self.output_dir, validation=self.val_set)}")
+        on_disk = Path(self.config.data.path).exists()  # not data passed in memory to mmfusion.train
+        hint = f"mmfusion evaluate {best} --data.path {self.config.data.path} --split test" if on_disk else ""
         self.log(
             f"done in {self.metrics.elapsed():.0f}s: best checkpoint {best} (step {state.best_step}), final {final}, "
-            f"metrics in {self.metrics.path}\n"
-            f"evaluate with: mmfusion evaluate {best} --data.path {self.config.data.path} --split test"
+            f"metrics in {self.metrics.path}" + (f"\nevaluate with: {hint}" if hint else "")
         )
         accelerator.wait_for_everyone()
         finish_trackers(accelerator)

@@ -32,6 +32,7 @@ class Prepared:
     report: SkipReport
     notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
     model_settings: dict[str, Any] = field(default_factory=dict)  # FusionConfig fields the data decided
+    source: str = ""  # where the data came from (a path, or what was passed in Python)
 
 
 def data_settings(data: DataConfig) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def build_splits(
         )
         for name in present
     }
-    return Prepared(tasks, processor, datasets, report, notes, learned)
+    return Prepared(tasks, processor, datasets, report, notes, learned, loaded.source)
 
 
 def load_split(

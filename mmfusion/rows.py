@@ -56,7 +56,7 @@ class RowReader:
     processor: FusionProcessor
     tasks: list[TaskSpec]
     config: DataConfig
-    root: Path
+    root: Path | None  # the directory image paths must stay in; None: paths as given (data built in Python)
     split: str
     allow_missing_modality: bool = False
     held_out: bool = False  # a validation split cut from train: its rows are numbered as in the train data
@@ -67,7 +67,9 @@ class RowReader:
         return f"{self.split} split, row {index}"
 
     def image_path(self, reference: str, where: str) -> Path:
-        """A relative (or absolute) path that must stay inside the data directory."""
+        """A relative (or absolute) path that must stay inside the data directory (when there is one)."""
+        if self.root is None:
+            return Path(reference)
         root = os.path.normpath(os.path.abspath(self.root))
         resolved = os.path.normpath(os.path.join(root, reference))
         if os.path.commonpath([root, resolved]) != root:

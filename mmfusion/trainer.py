@@ -77,7 +77,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     for note in prepared.notes:
         log(f"tasks: {note}")
     log(f"data: {prepared.report.summary()}")
-    config = resolve_config(config, prepared, init)
+    config = resolve_config(config, prepared, init, data)
 
     # ---- model (encoders from their pretrained weights, or a fusion checkpoint's parts), weighting, optimizer
     model = FusionModel(config.model_config(), encoder_weights=init is None)
@@ -173,11 +173,15 @@ def model_architecture(config: Config, init: Path | None) -> FusionConfig:
     return model
 
 
-def resolve_config(config: Config, prepared: Prepared, init: Path | None) -> Config:
+def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
-    size, longest text); with init_from, reused regression heads keep the checkpoint's target statistics."""
+    size, longest text; with init_from, reused regression heads keep the checkpoint's target statistics) and where
+    the data came from (`data` given in Python: its path, or a note that it was passed in memory)."""
     tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **prepared.model_settings), tasks=tasks)
+    model = dataclasses.replace(config.model, **prepared.model_settings)
+    path = config.data.path if data is None else str(data) if isinstance(data, (str, Path)) else None
+    source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")
+    return dataclasses.replace(config, model=model, tasks=tasks, data=source)
 
 
 def use_feature_cache(model: FusionModel, prepared: Prepared, config: Config, accelerator: Accelerator):
