@@ -58,6 +58,7 @@ def test_dataframes_train_predict_and_evaluate_as_the_command_line_does(folder, 
     assert metrics == run.test
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_cpu_processes_through_notebook_launcher(folder, tmp_path):
     """What a notebook cell runs; in its own interpreter, as a notebook kernel is (no Accelerator created before).
