@@ -24,6 +24,7 @@ from common import RESULTS, ROOT, mean_std, train_run, write_result
 
 from mmfusion.config import TaskSpec
 from mmfusion.metrics import delta_m
+from mmfusion.weighting import WEIGHTINGS
 
 TASKS = [
     TaskSpec("area", "regression"),
@@ -33,7 +34,6 @@ TASKS = [
     TaskSpec("tone", "classification"),
 ]
 PRIMARY = {"area": "r2", "background": "macro_f1", "colors": "map", "match": "macro_f1", "tone": "macro_f1"}
-WEIGHTINGS = ["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
 def recipe() -> dict:

@@ -3,9 +3,9 @@
 Accepted: a directory in any layout `datasets` recognises (data_files.py finds the files of each split: imagefolder
 with `{split}/metadata.jsonl|csv` and `file_name`, `{split}.csv|jsonl|parquet`, the Hub's `data/{split}-0000x-of-0000N`
 parquet shards, WebDataset .tar shards), a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, a Hub
-dataset id in the local cache, or a `datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file,
-bytes (the Image feature's `{bytes, path}`), or decoded images. Rows are checked and read in rows.py; prepare.py puts
-the two together.
+dataset id in the local cache, a `datasets.Dataset` / `DatasetDict`, or a pandas DataFrame / dict of DataFrames per
+split. Images may be paths relative to the data file, bytes (the Image feature's `{bytes, path}`), or decoded images.
+Rows are checked and read in rows.py; prepare.py puts the two together.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -26,7 +26,11 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from .config import DataConfig, TaskSpec
 from .data_files import SPLIT_ALIASES, find_split_files, is_saved_dataset, resolve_source
 from .errors import DataError
+from .frames import frames_kind, to_datasets
 from .processing import as_number
+
+if TYPE_CHECKING:
+    import pandas
 
 ROW_COLUMN = "__row__"  # a row's number in its split before bad rows were skipped
 
@@ -36,7 +40,7 @@ class LoadedData:
     """Raw splits plus, for each, the directory that relative image paths start from."""
 
     splits: dict[str, Dataset | IterableDataset]
-    roots: dict[str, Path]
+    roots: dict[str, Path | None]
     source: str
     held_out: bool = False  # validation was held out of train (its rows keep their numbers in the train data)
 
@@ -49,14 +53,19 @@ class LoadedData:
 
 
 def load_splits(
-    source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig, for_training: bool = True
+    source: str | os.PathLike | Dataset | DatasetDict | pandas.DataFrame | dict[str, pandas.DataFrame],
+    config: DataConfig,
+    for_training: bool = True,
 ) -> LoadedData:
     """Read the splits of `source`. For training there must be a train split, and without a validation split
-    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are."""
+    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are.
+    A pandas DataFrame is the train split, a dict of DataFrames names its splits (see `frames.to_datasets`)."""
+    name = frames_kind(source)
+    source = to_datasets(source, config.image_column)
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
-        root = Path(config.image_root or ".")
-        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
+        root = Path(config.image_root) if config.image_root else None  # built in Python: paths as the user gave
+        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=name or type(source).__name__)
     else:
         loaded = _load_path(resolve_source(str(source)), config)
     loaded.splits = {

@@ -1,14 +1,16 @@
 """The decoded-image cache (`--data.cache DIR|auto`): every image of a split decoded and resized once, stored as
 uint8 in a memory-mapped file, so later epochs and runs read arrays instead of decoding files.
 
-What is stored: for evaluation (no augmentation) each image resized to `image_size` exactly as the uncached path
-resizes it, so the pixels are the same bit for bit; for training `FusionProcessor.cache_side` pixels, enough that
-the smallest random crop still covers `image_size` pixels; the crop and flip (the same boxes, drawn from
-(seed, epoch, index)) and the resize then run on the uint8 array. A row whose image is bad keeps its error message,
-so the row checks need not decode again.
+What is stored: for evaluation (no augmentation) each image resized exactly as the uncached path resizes it
+(`FusionProcessor.resize`), so the pixels are the same bit for bit; for training the whole image squashed to a
+`FusionProcessor.cache_side` square, enough that the smallest random crop is never enlarged, and the original size;
+the crop and flip (the same boxes, drawn from (seed, epoch, index)) are cut from the uint8 array and resized as the
+uncached path resizes a crop. A row whose image is bad keeps its error message, so the row checks need not decode
+again.
 
 An entry is keyed by the split's `datasets` fingerprint (its data files, their modification times, and every
-transform since), the split's name and row numbering, the image column, root and size limit, and the stored side;
+transform since), the split's name and row numbering, the image column, root and size limit, and the image
+settings (size, resize, interpolation, center crop, and whether it serves training crops);
 the files that rows name by path are checked by size and modification time whenever the entry is opened. A change
 to any of them builds a new entry. Entries are built under a file lock and renamed into place when complete, so
 processes (and machines sharing the directory) build each entry once.
@@ -34,7 +36,7 @@ from .errors import BadInputError
 from .files import atomic_directory
 
 CACHE_FORMAT = 1
-IMAGES_NAME, PRESENT_NAME, INDEX_NAME = "images.u8", "present.npy", "index.json"
+IMAGES_NAME, PRESENT_NAME, SIZES_NAME, INDEX_NAME = "images.u8", "present.npy", "sizes.npy", "index.json"
 READ_BATCH = 256
 
 
@@ -52,6 +54,7 @@ class ImageCache:
     count: int
     errors: dict[int, str]  # position -> the row's image error
     present: np.ndarray  # position -> has an image
+    sizes: np.ndarray  # position -> the original image's (width, height)
     positions: np.ndarray | None = None  # dataset index -> position (after `select`)
     _array: np.memmap | None = field(default=None, repr=False)
 
@@ -65,33 +68,40 @@ class ImageCache:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_array": None}
 
-    def image(self, index: int) -> np.ndarray | None:
-        """The stored H x W x 3 uint8 image of row `index`, or None for a row without an image."""
+    def image(self, index: int) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+        """The stored H x W x 3 uint8 image of row `index` and the original's (width, height); Nones for a row
+        without an image."""
         position = int(self.positions[index]) if self.positions is not None else index
-        return self.array[position] if self.present[position] else None
+        if not self.present[position]:
+            return None, None
+        width, height = self.sizes[position]
+        return self.array[position], (int(width), int(height))
 
     def select(self, keep: list[int]) -> ImageCache:
         """The cache as indexed by the kept rows."""
-        return ImageCache(self.directory, self.side, self.count, self.errors, self.present, np.asarray(keep))
+        kept = np.asarray(keep)
+        return ImageCache(self.directory, self.side, self.count, self.errors, self.present, self.sizes, kept)
 
 
-def open_cache(split: Dataset, reader, side: int, option: str) -> ImageCache:
-    """The cache entry of `split`'s images at `side` pixels, built first when missing or out of date."""
+def open_cache(split: Dataset, reader, augment: bool, option: str) -> ImageCache:
+    """The cache entry of `split`'s images (for training crops with `augment`), built first when missing or out of
+    date."""
     root = cache_root(option)
     root.mkdir(parents=True, exist_ok=True)
-    key = _key(split, reader, side)
+    key = _key(split, reader, augment)
     entry = root / key
     with FileLock(str(root / f"{key}.lock")):
         files = _files_digest(split, reader)
         cache = _load(entry, files)
         if cache is None:
             with atomic_directory(entry) as staging:
-                _build(staging, split, reader, side, files)
+                _build(staging, split, reader, augment, files)
             cache = _load(entry, files)
     return cache
 
 
-def _key(split: Dataset, reader, side: int) -> str:
+def _key(split: Dataset, reader, augment: bool) -> str:
+    processor = reader.processor.settings
     settings = {
         "format": CACHE_FORMAT,
         "fingerprint": split._fingerprint,
@@ -99,10 +109,11 @@ def _key(split: Dataset, reader, side: int) -> str:
         "split": reader.split,
         "held_out": reader.held_out,
         "image_column": reader.config.image_column,
-        "root": os.path.abspath(reader.root),
+        "root": None if reader.root is None else os.path.abspath(reader.root),
         "max_image_pixels": reader.config.max_image_pixels,
-        "side": side,
-        "resize": "PIL bilinear",
+        "training_crops": augment,
+        "side": reader.processor.cache_side(augment),
+        "image": [processor.image_size, processor.resize, processor.interpolation, processor.crop_pct],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -127,9 +138,9 @@ def _files_digest(split: Dataset, reader) -> str:
         if reference is None:
             continue
         try:
-            stat = os.stat(os.path.join(reader.root, reference))
+            stat = os.stat(reader.image_path(reference, "image cache"))
             digest.update(f"{reference}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:
+        except (OSError, BadInputError):  # missing, or outside the data directory: the row checks say which
             digest.update(f"{reference}\0missing\n".encode())
     return digest.hexdigest()
 
@@ -143,17 +154,19 @@ def _load(entry: Path, files: str) -> ImageCache | None:
     if index.get("files") != files:
         return None
     errors = {int(position): message for position, message in index["errors"].items()}
-    present = np.load(entry / PRESENT_NAME)
-    return ImageCache(entry, index["side"], index["count"], errors, present)
+    present, sizes = np.load(entry / PRESENT_NAME), np.load(entry / SIZES_NAME)
+    return ImageCache(entry, index["side"], index["count"], errors, present, sizes)
 
 
-def _build(directory: Path, split: Dataset, reader, side: int, files: str) -> None:
-    """Decode every image of `split` (on all cores), resize it to `side` and store it; keep bad rows' errors."""
-    count = len(split)
+def _build(directory: Path, split: Dataset, reader, augment: bool, files: str) -> None:
+    """Decode every image of `split` (on all cores) and store what `FusionProcessor.cache_pixels` makes of it, with
+    its size; keep bad rows' errors."""
+    count, side = len(split), reader.processor.cache_side(augment)
     images = np.memmap(directory / IMAGES_NAME, dtype=np.uint8, mode="w+", shape=(max(1, count), side, side, 3))
     numbers = split[ROW_COLUMN] if ROW_COLUMN in split.column_names else range(count)
     errors: dict[int, str] = {}
     present = np.zeros(count, dtype=bool)
+    sizes = np.zeros((count, 2), dtype=np.int32)
 
     def decode(item: tuple[int, Any, int]) -> None:
         position, value, number = item
@@ -163,8 +176,8 @@ def _build(directory: Path, split: Dataset, reader, side: int, files: str) -> No
             errors[position] = str(error)
             return
         if image is not None:
-            images[position] = np.asarray(reader.processor.resized(image, side), dtype=np.uint8)
-            present[position] = True
+            images[position] = reader.processor.cache_pixels(image, augment)
+            present[position], sizes[position] = True, image.size
 
     values = _image_values(split, reader.config.image_column)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes and resizes without the GIL
@@ -172,5 +185,6 @@ def _build(directory: Path, split: Dataset, reader, side: int, files: str) -> No
             pass
     images.flush()
     np.save(directory / PRESENT_NAME, present)
+    np.save(directory / SIZES_NAME, sizes)
     index = {"side": side, "count": count, "files": files, "errors": errors}
     (directory / INDEX_NAME).write_text(json.dumps(index))  # written last: an entry with an index is complete

@@ -33,7 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ProcessorSettings:
-    """Everything `processor.json` stores."""
+    """Everything `processor.json` stores. Images: resize (`squash` to a square, or the `shortest_edge` keeping
+    the aspect ratio) to image_size / crop_pct, then crop the center image_size square (timm's and the Hugging Face
+    image processors' evaluation transform)."""
 
     image_size: int = 64
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -49,6 +51,10 @@ class ProcessorSettings:
     text_column: str = "caption"
     image_root: str | None = None
     missing_modality: str = "error"
+    interpolation: str = "bilinear"  # a PIL resampling filter, lower case
+    resize: str = "squash"  # or "shortest_edge"
+    crop_pct: float = 1.0
+    pad_to_max_length: bool = False  # texts padded to max_text_length (SigLIP's text tower reads the last position)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -131,7 +137,13 @@ def hf_tokenizer(model_path: str) -> tuple[Tokenizer, int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return tokenizer.backend_tokenizer, tokenizer.pad_token_id or 0
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"{model_path}: its tokenizer ({type(tokenizer).__name__}) has no `tokenizers` version (tokenizer.json), "
+            "which the processor saves beside checkpoints"
+        )
+    return backend, tokenizer.pad_token_id or 0
 
 
 class FusionProcessor:
@@ -162,57 +174,87 @@ class FusionProcessor:
         return left, top, left + crop_w, top + crop_h
 
     def cache_side(self, augment: bool) -> int:
-        """The side images are stored at in the image cache: image_size for evaluation (the very pixels of the
-        uncached path), and for training so much more that the smallest random crop still covers image_size pixels."""
+        """The side of the image cache's squares: image_size for evaluation (the very pixels of the uncached path);
+        for training so much more that the smallest random crop, resized as `resize` resizes it, is never enlarged."""
         size = self.settings.image_size
-        return math.ceil(size / math.sqrt(self.settings.crop_scale[0])) if augment else size
+        if not augment:
+            return size
+        return math.ceil(size / self.settings.crop_pct / math.sqrt(self.settings.crop_scale[0]))
 
-    def resized(self, image: Image.Image, side: int) -> Image.Image:
-        return image if image.size == (side, side) else image.resize((side, side), Image.Resampling.BILINEAR)
+    def cache_pixels(self, image: Image.Image, augment: bool) -> np.ndarray:
+        """What the image cache stores of `image`: the evaluation pixels, or for training the whole image squashed to
+        `cache_side(True)`, from which the training crops are cut."""
+        if not augment:
+            return np.asarray(self.resize(image), dtype=np.uint8)
+        side = self.cache_side(True)
+        if image.size != (side, side):
+            image = image.resize((side, side), Image.Resampling[self.settings.interpolation.upper()])
+        return np.asarray(image, dtype=np.uint8)
 
     def image_tensor(
-        self, image: Image.Image | np.ndarray, augment_key: tuple[int, int, int] | None = None
+        self,
+        image: Image.Image | np.ndarray,
+        augment_key: tuple[int, int, int] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """RGB PIL image, or an H x W x 3 uint8 array from the image cache -> normalised [3, S, S]; `augment_key` =
-        (seed, epoch, index) enables the random crop and flip (on the PIL image, or on the uint8 array)."""
+        """RGB PIL image -> normalised [3, S, S]; `augment_key` = (seed, epoch, index) enables the random crop (and
+        flip). From the image cache: the stored uint8 array, and `size`, the original image's (width, height)."""
         if isinstance(image, np.ndarray):
-            return self.normalise(self._crop_array(image, augment_key))
+            return self.normalise(image if augment_key is None else self._cached_crop(image, augment_key, size))
         if augment_key is not None:
             image = image.crop(self.crop_box(*image.size, *augment_key))
             if self._flips(augment_key):
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image = self.resized(image, self.settings.image_size)
-        return self.normalise(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return self.normalise(self.resize(image))
 
     def _flips(self, augment_key: tuple[int, int, int]) -> bool:
         return self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5
 
-    def _crop_array(self, array: np.ndarray, augment_key: tuple[int, int, int] | None) -> torch.Tensor:
-        """The random crop and flip of an H x W x 3 uint8 array, resized to [3, S, S] uint8 (bilinear, antialiased
-        like PIL's)."""
-        if augment_key is not None:
-            left, top, right, bottom = self.crop_box(array.shape[1], array.shape[0], *augment_key)
-            array = array[top:bottom, left:right]
-            if self._flips(augment_key):
-                array = array[:, ::-1]
-        pixels = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: the cache is read-only
-        size = self.settings.image_size
-        if pixels.shape[1:] != (size, size):
-            resize = torch.nn.functional.interpolate
-            pixels = resize(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        return pixels
+    def _cached_crop(self, array: np.ndarray, augment_key: tuple[int, int, int], size: tuple[int, int]):
+        """A training crop from the cache's square: the box and flip drawn as on the original image, cut from the
+        uint8 array, then resized as `resize` resizes a crop of the original (whose aspect `size` gives)."""
+        side = array.shape[0]
+        left, top, right, bottom = self.crop_box(side, side, *augment_key)
+        crop = array[top:bottom, left:right]
+        if self._flips(augment_key):
+            crop = crop[:, ::-1]
+        width, height = size
+        like = (round((right - left) * width / side), round((bottom - top) * height / side))
+        return self.resize(Image.fromarray(np.ascontiguousarray(crop)), like)
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, S, S] -> float, normalised by the mean and std."""
+    def normalise(self, pixels: Image.Image | np.ndarray) -> torch.Tensor:
+        """uint8 RGB pixels (H x W x 3) -> float [3, H, W], normalised by the mean and std."""
+        array = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
-        return (pixels.float() / 255.0 - mean) / std
+        return (array - mean) / std
 
     def picture(self, pixel_values: torch.Tensor) -> np.ndarray:
         """The inverse of `image_tensor`'s normalisation: [3, S, S] -> [S, S, 3] RGB in [0, 1], for figures."""
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
         return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    def resize(self, image: Image.Image, like: tuple[int, int] | None = None) -> Image.Image:
+        """Resize (squashed, or by the shortest edge) to image_size / crop_pct, then crop the center square. `like`:
+        the (width, height) whose aspect a shortest-edge resize keeps, when `image` stands for an image of another
+        shape (a crop of the image cache's squashed square stands for a crop of the original)."""
+        settings, size = self.settings, self.settings.image_size
+        scaled = math.floor(size / settings.crop_pct + 1e-6)
+        if settings.resize == "shortest_edge":
+            width, height = like or image.size
+            short, long = min(width, height), max(width, height)
+            other = int(scaled * long / short)
+            target = (scaled, other) if width <= height else (other, scaled)
+        else:
+            target = (scaled, scaled)
+        resample = Image.Resampling[settings.interpolation.upper()]
+        if image.size != target:
+            image = image.resize(target, resample)
+        if image.size != (size, size):
+            left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+            image = image.crop((left, top, left + size, top + size))
+        return image
 
     def blank_image(self) -> torch.Tensor:
         return torch.zeros(3, self.settings.image_size, self.settings.image_size)
@@ -223,7 +265,10 @@ class FusionProcessor:
         encoding = self.tokenizer.encode(text)
         if encoding.overflowing:
             self.truncated += 1
-        return encoding.ids or [self.settings.pad_id]
+        ids = encoding.ids or [self.settings.pad_id]
+        if self.settings.pad_to_max_length:
+            ids = ids + [self.settings.pad_id] * (self.settings.max_text_length - len(ids))
+        return ids
 
     # ----- labels -----
 

@@ -16,10 +16,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import tyro
 
 from . import viz
 from .config import Config, TaskSpec
@@ -314,32 +313,3 @@ def mistakes_section(data: ReportData, figure_dir: Path) -> str:
         return body
 
     return classification_section(data, "Most confident errors (validation)", "are no errors to show", galleries)
-
-
-# ----- command line -----
-
-RunDir = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
-
-
-@dataclass
-class Report:
-    """report.html of a training run: curves, validation metrics, confusion matrices, modality contributions,
-    gate values or attention maps, and the most confident errors (figures also in RUN_DIR/report/)."""
-
-    run_dir: RunDir
-    """Training output directory (train.output_dir) with config.yaml and metrics.jsonl."""
-    checkpoint: str = "best"
-    """Checkpoint subdirectory of RUN_DIR to re-evaluate on the validation split (best or final)."""
-    data_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
-    """The run's data, when it is no longer at config.yaml's data.path."""
-    batch_size: Annotated[int | None, tyro.conf.arg(metavar="INT")] = None
-    """Rows per batch of the re-evaluation (default: the run's eval_batch_size, so its numbers match the log's)."""
-
-    def run(self) -> int:
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise InputError(f"--batch_size must be > 0, got {self.batch_size}")
-        page = write_report(
-            Path(self.run_dir), checkpoint=self.checkpoint, data_path=self.data_path, batch_size=self.batch_size
-        )
-        print(f"wrote {page} (figures in {page.parent / FIGURE_DIR})")
-        return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -259,6 +260,7 @@ def test_bf16_autocast_on_cpu_trains_close_to_float32(tiny_data, tmp_path, monke
     assert _records(tmp_path / "bf16", "validation")[-1]["label"]["count"] == 13
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """Dropout and augmentation off: one process with batch 8 and two with batch 4 see the same global batches, so
     the weights after 6 steps and the metrics differ by float rounding only. (Textured images: on flat colours the
@@ -297,6 +299,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert first[task] == pytest.approx(second[task], rel=1e-5, abs=1e-6), task
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_train_and_evaluate_every_fusion_with_sum_and_gradnorm(tiny_data, tmp_path):
     script = ROOT / "tests" / "ddp_fusions_check.py"
@@ -443,3 +446,19 @@ def test_train_from_python_equals_train_py(tiny_data, tmp_path):
     from_yaml = train_in_python(tmp_path / "python" / "config.yaml")  # the resolved config trains the same way
     c = load_file(from_yaml.final / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_py_writes_its_own_report_at_the_end(tiny_data, tmp_path):
+    """The end of a run as users get it: train.py writes report.html from the run's own validation split."""
+    out = tmp_path / "run"
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "4", "--train.eval_every", "2"]
+    assert _run([*args, "--train.report", "true", "--train.output_dir", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    data = json.loads(
+        re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    )
+    validation = _records(out, "validation")
+    assert data["best_step"] == max(validation, key=lambda r: r["summary"])["step"]
+    assert [r["step"] for r in data["validation"]] == [2, 4]
+    assert data["checkpoint"]["modality"]["label"]["both"] is not None  # best/ re-evaluated on validation
+    assert "Confusion matrices (validation)" in page and (out / "report" / "confusion_label.png").is_file()
