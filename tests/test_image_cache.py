@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mmfusion.config import Config, DataConfig, FusionConfig, TaskSpec
 from mmfusion.prepare import build_splits
+from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,6 +72,25 @@ def test_evaluation_pixels_are_the_uncached_pixels_bit_for_bit_and_training_crop
     # closer to the uncached crops than another epoch's crops are.
     same = np.mean([float((cached - plain).abs().mean()) for plain, cached in crops[3]])
     other = np.mean([float((cached - plain).abs().mean()) for (plain, _), (_, cached) in zip(crops[3], crops[4])])
+    assert same < 0.4 * other, (same, other)
+
+
+@pytest.mark.parametrize("resize", ["squash", "shortest_edge"])
+def test_cached_pixels_follow_the_processors_resize_and_center_crop(resize):
+    """timm-style settings (bicubic, shortest edge, center crop 0.875) on a wide image: the same evaluation pixels,
+    and training crops that keep the original's aspect although the cache stores a square."""
+    settings = ProcessorSettings(image_size=32, resize=resize, crop_pct=0.875, interpolation="bicubic", hflip=True)
+    processor = FusionProcessor(train_tokenizer(["picture"]), settings)
+    noise = np.random.default_rng(0).integers(0, 256, (5, 9, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).resize((90, 50), Image.Resampling.BICUBIC)
+    cached = processor.cache_pixels(image, augment=False)
+    assert torch.equal(processor.image_tensor(image), processor.image_tensor(cached))
+    square = processor.cache_pixels(image, augment=True)
+    assert square.shape == (41, 41, 3)  # ceil(32 / 0.875 / sqrt(0.8))
+    keys = [(0, 1, index) for index in range(12)]
+    crops = [(processor.image_tensor(image, key), processor.image_tensor(square, key, image.size)) for key in keys]
+    same = np.mean([float((cached - plain).abs().mean()) for plain, cached in crops])
+    other = np.mean([float((a[1] - b[0]).abs().mean()) for a, b in zip(crops, crops[1:])])
     assert same < 0.4 * other, (same, other)
 
 
