@@ -2,7 +2,8 @@
 
 Images: any PIL mode to RGB, resize, (training) a random crop whose randomness derives only from
 (seed, epoch, index), normalisation. Texts: a `tokenizers.Tokenizer` - the Hugging Face model's own for `hf`
-encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map.
+encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map; dense tasks'
+masks through the image's own geometry (masks.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from .config import TaskSpec
 from .errors import BadInputError, CheckpointError
+from .masks import mask_target
 
 PROCESSOR_NAME = "processor.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -173,13 +175,20 @@ class FusionProcessor:
         top = int(generator.integers(0, height - crop_h + 1))
         return left, top, left + crop_w, top + crop_h
 
-    def image_tensor(self, image: Image.Image, augment_key: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """RGB PIL image -> normalised [3, S, S]; `augment_key` = (seed, epoch, index) enables the random crop."""
+    def geometry(
+        self, image: Image.Image, augment_key: tuple[int, int, int] | None = None, resample: str | None = None
+    ) -> Image.Image:
+        """The image's crop, flip and resize: with `augment_key` = (seed, epoch, index) the random crop and flip
+        drawn from it, then `resize`. Masks go through the same steps with `resample="nearest"`."""
         if augment_key is not None:
             image = image.crop(self.crop_box(*image.size, *augment_key))
             if self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image = self.resize(image)
+        return self.resize(image, resample)
+
+    def image_tensor(self, image: Image.Image, augment_key: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """RGB PIL image -> normalised [3, S, S]; `augment_key` = (seed, epoch, index) enables the random crop."""
+        image = self.geometry(image, augment_key)
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
@@ -191,8 +200,9 @@ class FusionProcessor:
         std = torch.tensor(self.settings.std).view(3, 1, 1)
         return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
-    def resize(self, image: Image.Image) -> Image.Image:
-        """Resize (squashed, or by the shortest edge) to image_size / crop_pct, then crop the center square."""
+    def resize(self, image: Image.Image, resample: str | None = None) -> Image.Image:
+        """Resize (squashed, or by the shortest edge) to image_size / crop_pct with the `resample` filter (default:
+        the settings' interpolation), then crop the center square."""
         settings, size = self.settings, self.settings.image_size
         scaled = math.floor(size / settings.crop_pct + 1e-6)
         if settings.resize == "shortest_edge":
@@ -202,9 +212,8 @@ class FusionProcessor:
             target = (scaled, other) if width <= height else (other, scaled)
         else:
             target = (scaled, scaled)
-        resample = Image.Resampling[settings.interpolation.upper()]
         if image.size != target:
-            image = image.resize(target, resample)
+            image = image.resize(target, Image.Resampling[(resample or settings.interpolation).upper()])
         if image.size != (size, size):
             left, top = round((image.width - size) / 2), round((image.height - size) / 2)
             image = image.crop((left, top, left + size, top + size))
@@ -225,6 +234,13 @@ class FusionProcessor:
         return ids
 
     # ----- labels -----
+
+    def encode_mask(
+        self, spec: TaskSpec, mask: np.ndarray | None, augment_key: tuple[int, int, int] | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """A dense task's (target map, has label): its checked mask (masks.read_mask; None: no label) through the
+        image's crop, flip and resize for the same `augment_key`, by nearest neighbour, at the task's output size."""
+        return mask_target(self, spec, mask, augment_key)
 
     def encode_label(self, spec: TaskSpec, value: Any, where: str) -> tuple[torch.Tensor, bool]:
         """(target tensor, has label); None means the row has no label for this task."""
