@@ -29,6 +29,7 @@ from .errors import BadInputError, DataError, InputError
 from .evaluation import MODALITY_CONDITIONS, evaluate
 from .files import write_text
 from .hub import resolve_checkpoint
+from .masks import save_prediction
 from .metrics import PRIMARY_METRIC
 from .model import MODEL_CONFIG_NAME, FusionModel
 from .options import check_values
@@ -196,6 +197,9 @@ class Predict:
     """--input column with the text (empty or null: no text); default: the checkpoint's training column."""
     batch_size: int = 64
     """Rows per batch."""
+    mask_dir: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    """Where dense tasks' predictions go (segmentation: palette PNG of class ids; dense_regression: .npy), each with
+    a colourised overlay PNG; the JSON names the files. Default: beside --output (its name + _masks), else ./masks."""
 
     def run(self) -> int:
         single = self.image is not None or self.text is not None
@@ -206,7 +210,7 @@ class Predict:
             raise InputError(problems[0])
         predictor = Predictor.from_pretrained(self.checkpoint, batch_size=self.batch_size)
         if single:
-            prediction = predictor.predict([self.image], [self.text])[0]
+            prediction = self.save_maps(predictor, predictor.predict([self.image], [self.text]), [self.image])[0]
             print(json.dumps(prediction, indent=2) if self.json else format_prediction(prediction, predictor.tasks))
             return 0
         path = Path(self.input)
@@ -219,6 +223,7 @@ class Predict:
             predictions = predictor.predict(images, texts, image_root=path.parent, progress=True)
         except BadInputError as error:
             raise BadInputError(f"{path}: {error}") from None
+        predictions = self.save_maps(predictor, predictions, images, path.parent)
         lines = [json.dumps({"row": i, "predictions": p}) + "\n" for i, p in enumerate(predictions)]
         if self.output is None:
             sys.stdout.writelines(lines)
@@ -226,6 +231,20 @@ class Predict:
             write_text(Path(self.output), "".join(lines))
             print(f"wrote {len(lines)} predictions to {self.output}", file=sys.stderr)
         return 0
+
+    def save_maps(self, predictor: Predictor, predictions: list[dict], images: list, root: Path | None = None):
+        """Dense tasks' maps written as files (masks.save_prediction), which the predictions then name."""
+        dense = [spec for spec in predictor.tasks if spec.is_dense]
+        if not dense:
+            return predictions
+        directory = Path(self.mask_dir or (f"{Path(self.output).with_suffix('')}_masks" if self.output else "masks"))
+        for i, (prediction, image) in enumerate(zip(predictions, images)):
+            picture = predictor.picture(image, root)
+            for spec in dense:
+                stem = directory / (spec.name if self.input is None else f"{i:05d}_{spec.name}")
+                prediction[spec.name] = save_prediction(spec, prediction[spec.name], picture, stem)
+        print(f"wrote the dense tasks' maps to {directory}/", file=sys.stderr)
+        return predictions
 
 
 def read_rows(path: Path, columns: list[str]) -> list[dict[str, Any]]:
@@ -271,6 +290,16 @@ def format_prediction(prediction: dict[str, dict], tasks: list[TaskSpec]) -> str
         result = prediction[spec.name]
         if spec.type == "regression":
             lines.append(f"{spec.name}: {result['value']:.4g}")
+            continue
+        if spec.is_dense:
+            lines.append(
+                f"{spec.name}: " + ", ".join(f"{k} {result[k]}" for k in ("mask", "values", "overlay") if k in result)
+            )
+            if "pixels" in result:
+                ranked = sorted(result["pixels"].items(), key=lambda item: -item[1])[:SHOWN_SCORES]
+                lines += [
+                    f"    {name:<{max(len(n) for n, _ in ranked)}}  {share:.1%} of pixels" for name, share in ranked
+                ]
             continue
         if spec.type == "matching":
             score = "n/a (image or text missing)" if result["score"] is None else f"{result['score']:.4f}"
@@ -326,7 +355,7 @@ def describe_tasks(tasks: list[TaskSpec]) -> list[str]:
     """Each task's type, column and labels (regression: the target statistics)."""
     lines = [f"tasks ({len(tasks)})"]
     for spec in tasks:
-        if spec.type == "regression":
+        if spec.type in ("regression", "dense_regression"):
             detail = f"target mean {spec.target_mean:.4g}, std {spec.target_std:.4g}"
         elif spec.type == "matching":
             detail = "image-text similarity"

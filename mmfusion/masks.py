@@ -179,3 +179,21 @@ def write_mask(spec: TaskSpec, values: np.ndarray, path: Path) -> Path:
     image.putpalette(class_colours(spec.num_labels).flatten().tolist())
     image.save(path)
     return path
+
+
+def save_prediction(spec: TaskSpec, result: dict, picture: np.ndarray | None, stem: Path) -> dict:
+    """Write one dense prediction (`Predictor.describe`) beside `stem`: the mask (`write_mask`: stem.png, or
+    stem.npy for values) and its colours over the input as the model saw it (`picture`, uint8 RGB; without an
+    image the colours alone) as stem_overlay.png. Returns the prediction with the files' paths in place of arrays."""
+    values = result["mask"] if spec.type == "segmentation" else result["values"]
+    colours = colourise(spec, values)
+    written = write_mask(spec, values, stem.with_suffix(".png"))
+    shown = colours if picture is None else overlay(picture, colours)
+    overlay_path = stem.with_name(f"{stem.name}_overlay.png")
+    Image.fromarray(shown).save(overlay_path)
+    described = {key: value for key, value in result.items() if key not in ("mask", "values")}
+    return {
+        "mask" if spec.type == "segmentation" else "values": str(written),
+        "overlay": str(overlay_path),
+        **described,
+    }

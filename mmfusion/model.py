@@ -345,7 +345,7 @@ def reuse_tasks(tasks: list[TaskSpec], source: list[TaskSpec]) -> list[TaskSpec]
     old = {spec.name: spec for spec in source}
     return [
         dataclasses.replace(spec, target_mean=old[spec.name].target_mean, target_std=old[spec.name].target_std)
-        if spec.type == "regression" and _same_task(spec, old.get(spec.name))
+        if spec.type in ("regression", "dense_regression") and _same_task(spec, old.get(spec.name))
         else spec
         for spec in tasks
     ]
