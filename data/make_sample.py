@@ -2,8 +2,9 @@
 
 Every row is a 64x64 RGB PNG of a few coloured shapes on a (possibly textured) background, plus an English
 caption, five label columns, and for dense tasks a referring expression naming one group of objects with two
-masks drawn with the image: each pixel's shape class, and the named group's pixels (see ``data/README.md``). The output uses the Hugging Face ``imagefolder``
-layout, so ``datasets.load_dataset("imagefolder", data_dir=...)`` yields train/validation/test splits.
+masks drawn with the image: each pixel's shape class, and the named group's pixels (see ``data/README.md``).
+The output uses the Hugging Face ``imagefolder`` layout, so ``datasets.load_dataset("imagefolder", data_dir=...)``
+yields train/validation/test splits.
 
 Each row is drawn from its own random generator seeded with ``(seed, split, index)``, so any row can be
 regenerated on its own and two runs with the same arguments write byte-identical files.

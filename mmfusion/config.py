@@ -150,6 +150,9 @@ class FusionConfig:
     torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
+    decoder_dim: int = 64
+    """Dense tasks: channels of each task's decoder (dense.py), which upsamples the image encoder's feature maps
+    conditioned on the fused representation."""
     image_lora_rank: int = 0
     """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off);
     they train at --train.encoder_lr."""
@@ -199,9 +202,6 @@ class FusionConfig:
     """bilinear: rank of the low-rank factorisation."""
     dropout: float = 0.1
     """Dropout in fusion layers and heads."""
-    decoder_dim: int = 64
-    """Dense tasks: channels of each task's decoder (dense.py), which upsamples the image encoder's feature maps
-    conditioned on the fused representation."""
     tasks: tyro.conf.Suppress[list[TaskSpec]] = field(default_factory=list)
     """The tasks the model predicts. In a run configuration they are given at the top level (`tasks:`), and the
     trainer builds the model with them (`Config.model_config()`)."""

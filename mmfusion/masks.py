@@ -20,6 +20,7 @@ from PIL import Image
 
 from .config import TaskSpec
 from .errors import BadInputError
+from .processing import FusionProcessor, open_file
 
 CLASS_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
 VALUE_MODES = ("L", "I", "F", "I;16", "I;16B", "I;16L")
@@ -35,7 +36,8 @@ def read_mask(spec: TaskSpec, source: Any, where: str, image_size: tuple[int, in
     elif isinstance(source, Path) and source.suffix == ".npy" or isinstance(source, bytes) and source[:6] == NPY_MAGIC:
         array = _load_npy(source, where)
     else:
-        array = _image_array(spec, _open(source, where), where, image_size)
+        image = source if isinstance(source, Image.Image) else open_file(source, where, kind="mask")
+        array = _image_array(spec, image, where, image_size)
     if array.ndim != 2:
         raise BadInputError(f"{where}: expected a 2-D mask, got an array of shape {array.shape}")
     if image_size is not None and array.shape[::-1] != tuple(image_size):
@@ -48,19 +50,6 @@ def read_mask(spec: TaskSpec, source: Any, where: str, image_size: tuple[int, in
     elif not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise BadInputError(f"{where}: expected numeric mask values, got {array.dtype}")
     return array
-
-
-def _open(source: Any, where: str) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source
-    try:
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except FileNotFoundError:
-        raise BadInputError(f"{where}: mask file not found: {source}") from None
-    except PermissionError:
-        raise BadInputError(f"{where}: mask file is not readable (permission denied): {source}") from None
-    except (OSError, Image.DecompressionBombError, ValueError) as error:
-        raise BadInputError(f"{where}: not a readable mask ({error})") from None
 
 
 def _load_npy(source: Path | bytes, where: str) -> np.ndarray:
@@ -112,7 +101,9 @@ def stored_values(spec: TaskSpec, mask: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), values, np.float32(np.nan)).astype(np.float32)
 
 
-def mask_target(processor, spec: TaskSpec, mask: np.ndarray | None, augment_key=None) -> tuple[torch.Tensor, bool]:
+def mask_target(
+    processor: FusionProcessor, spec: TaskSpec, mask: np.ndarray | None, augment_key: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, bool]:
     """(target, has label) of a dense task: the checked mask through `processor`'s geometry with nearest-neighbour
     resampling (the same crop and flip as its image for the same `augment_key`), at the task's output size.
     segmentation: class ids [S, S] (long); dense_regression: values [S, S] (float32, NaN where unlabelled)."""

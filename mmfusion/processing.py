@@ -2,8 +2,8 @@
 
 Images: any PIL mode to RGB, resize, (training) a random crop whose randomness derives only from
 (seed, epoch, index), normalisation. Texts: a `tokenizers.Tokenizer` - the Hugging Face model's own for `hf`
-encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map; dense tasks'
-masks through the image's own geometry (masks.py).
+encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map (dense tasks'
+masks go through the image's own `geometry` in masks.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from .config import TaskSpec
 from .errors import BadInputError, CheckpointError
-from .masks import mask_target
 
 PROCESSOR_NAME = "processor.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -74,6 +73,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_file(source: Any, where: str, kind: str = "image") -> Image.Image:
+    """`Image.open` of a path or bytes (not decoded yet), its errors as BadInputError naming the `kind` of file."""
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise BadInputError(f"{where}: {kind} file not found: {source}") from None
+    except PermissionError:
+        raise BadInputError(f"{where}: {kind} file is not readable (permission denied): {source}") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as error:
+        raise BadInputError(f"{where}: not a readable {kind} ({error})") from None
+
+
 def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     """Open and fully decode an image from a path, bytes, a {'bytes', 'path'} dict or a PIL image."""
     if isinstance(source, Image.Image):
@@ -81,14 +92,7 @@ def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     else:
         if isinstance(source, dict):
             source = source.get("bytes") or source.get("path")
-        try:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except FileNotFoundError:
-            raise BadInputError(f"{where}: image file not found: {source}") from None
-        except PermissionError:
-            raise BadInputError(f"{where}: image file is not readable (permission denied): {source}") from None
-        except (OSError, Image.DecompressionBombError, ValueError) as error:
-            raise BadInputError(f"{where}: not a readable image ({error})") from None
+        image = open_file(source, where)
     width, height = image.size
     if width * height > max_pixels:
         raise BadInputError(
@@ -234,13 +238,6 @@ class FusionProcessor:
         return ids
 
     # ----- labels -----
-
-    def encode_mask(
-        self, spec: TaskSpec, mask: np.ndarray | None, augment_key: tuple[int, int, int] | None = None
-    ) -> tuple[torch.Tensor, bool]:
-        """A dense task's (target map, has label): its checked mask (masks.read_mask; None: no label) through the
-        image's crop, flip and resize for the same `augment_key`, by nearest neighbour, at the task's output size."""
-        return mask_target(self, spec, mask, augment_key)
 
     def encode_label(self, spec: TaskSpec, value: Any, where: str) -> tuple[torch.Tensor, bool]:
         """(target tensor, has label); None means the row has no label for this task."""

@@ -18,7 +18,7 @@ from datasets import Dataset, IterableDataset
 from .config import DataConfig, TaskSpec
 from .data import ROW_COLUMN
 from .errors import BadInputError, DataError
-from .masks import read_mask
+from .masks import mask_target, read_mask
 from .processing import FusionProcessor, open_image
 
 
@@ -152,7 +152,7 @@ class RowReader:
         key = (seed, epoch, index) if augment else None
         for spec in (spec for spec in self.tasks if spec.is_dense):  # no image (or dropped): no map to predict
             mask = labels[spec.name] if image_present and masks[spec.name] else None
-            labels[spec.name], masks[spec.name] = self.processor.encode_mask(spec, mask, key)
+            labels[spec.name], masks[spec.name] = mask_target(self.processor, spec, mask, key)
         return {
             "row": index,
             "pixel_values": self.processor.image_tensor(image, key) if image_present else self.processor.blank_image(),
