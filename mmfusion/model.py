@@ -120,8 +120,9 @@ class FusionModel(nn.Module):
         return self
 
     def _fill_absent(self, name: str, encoded: EncoderOutput, present: torch.Tensor | None) -> EncoderOutput:
-        """Rows where the modality is absent get the learned placeholder as their one and only token.
-        (Always applied, even when all are present, so the placeholders take part in every graph as DDP expects.)"""
+        """Rows where the modality is absent get the learned placeholder as their one and only token, and zero
+        feature maps for dense heads. (Always applied, even when all are present, so the placeholders take part in
+        every graph as DDP expects.)"""
         if present is None:
             present = torch.ones(encoded.pooled.shape[0], dtype=torch.bool, device=encoded.pooled.device)
         placeholder = self.placeholders[name].to(encoded.pooled.dtype)
@@ -131,7 +132,8 @@ class FusionModel(nn.Module):
         first[:, 0] = True
         mask = torch.where(keep, encoded.mask, first)
         tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
-        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid, maps=encoded.maps)
+        maps = encoded.maps and [torch.where(keep[:, :, None, None], m, 0.0) for m in encoded.maps]
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid, maps=maps)
 
     def encoder_outputs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

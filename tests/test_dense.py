@@ -526,6 +526,21 @@ def test_deep_supervision_adds_the_earlier_decoder_stages_in_training_only():
         _dense_model(tasks=[TaskSpec("object", "segmentation", num_labels=2, depths=[5])])
 
 
+def test_an_absent_image_gives_maps_that_do_not_depend_on_its_pixels():
+    """Without the image (the evaluation condition `without_image`, modality dropout) a dense head sees zero
+    feature maps, as the other heads see the placeholder."""
+    model = _dense_model().eval()
+    batch = {k: v for k, v in _dense_batch().items() if k != "labels"}
+    absent = torch.tensor([False, True, True, True])
+    with torch.no_grad():
+        first = model(**batch, image_present=absent).logits
+        noise = {**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}
+        second = model(**noise, image_present=absent).logits
+    for name in ("object", "kinds", "height"):
+        torch.testing.assert_close(first[name][0], second[name][0])
+        assert not torch.allclose(first[name][1:], second[name][1:])
+
+
 ACCELERATOR = SimpleNamespace(
     num_processes=1, scaler=None, reduce=lambda x, op: x, backward=lambda loss: loss.backward()
 )
