@@ -1,8 +1,10 @@
 """Generate the small, procedurally drawn image-text sample dataset in ``data/sample``.
 
 Every row is a 64x64 RGB PNG of a few coloured shapes on a (possibly textured) background, plus an English
-caption and five label columns (see ``data/README.md``). The output uses the Hugging Face ``imagefolder``
-layout, so ``datasets.load_dataset("imagefolder", data_dir=...)`` yields train/validation/test splits.
+caption, five label columns, and for dense tasks a referring expression naming one group of objects with two
+masks drawn with the image: each pixel's shape class, and the named group's pixels (see ``data/README.md``).
+The output uses the Hugging Face ``imagefolder`` layout, so ``datasets.load_dataset("imagefolder", data_dir=...)``
+yields train/validation/test splits.
 
 Each row is drawn from its own random generator seeded with ``(seed, split, index)``, so any row can be
 regenerated on its own and two runs with the same arguments write byte-identical files.
@@ -54,6 +56,10 @@ PERTURBABLE = ("color", "shape", "count", "position")
 DEFAULT_MISMATCH = ("color",)
 NULLABLE_COLUMNS = ("background", "tone", "area", "colors")
 NULL_RATE = 0.15
+SHAPE_IDS = {shape: index + 1 for index, shape in enumerate(SHAPES)}  # the shapes mask: 0 is the background
+MASK_COLUMNS = ("shapes", "object")  # metadata `<column>_file_name`: masks/<index>_<column>.png, ids as palette PNG
+MASK_PALETTE = (0, 0, 0, 230, 25, 75, 60, 180, 75, 0, 130, 200, 245, 130, 48)  # only for viewing the masks
+REFERRAL_FRAMES = ("{r}", "the {r}", "find the {r}", "show me the {r}", "segment the {r}", "point at the {r}")
 
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 POSITION_WORDS = {
@@ -129,6 +135,7 @@ class Example:
     image_scene: Scene
     image: Image.Image
     row: dict
+    masks: dict[str, Image.Image]  # every mask column's mask (the row's value is null for a missing one)
 
 
 def pick(rng: np.random.Generator, options):
@@ -268,21 +275,46 @@ def shape_outline(shape: str, x: int, y: int, radius: int, angle: float) -> list
     return [(x + r * np.sin(t), y - r * np.cos(t)) for r, t in zip(radii, steps)]
 
 
-def draw_image(scene: Scene, background: Background, rng: np.random.Generator) -> tuple[Image.Image, float]:
-    """Draw the scene; return the image and the fraction of pixels covered by objects."""
+def new_mask() -> Image.Image:
+    """An empty palette mask (id 0 everywhere)."""
+    mask = Image.new("P", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    mask.putpalette(MASK_PALETTE)
+    return mask
+
+
+def draw_image(scene: Scene, background: Background, rng: np.random.Generator):
+    """Draw the scene; return the image, the fraction of pixels covered by objects, and two masks drawn by the
+    same calls: each pixel's shape id (`SHAPE_IDS`, 0 for the background) and its group's number (1-based)."""
     image = Image.fromarray(background_pixels(background), mode="RGB")
-    mask = Image.new("L", image.size, 0)
+    shapes, groups = new_mask(), new_mask()
     placed = layout(scene, rng)
     angles = rng.uniform(0, 2 * np.pi, size=len(placed))
-    for canvas, fill in ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), 255)):
+    fills = (
+        (image, lambda group: COLORS[group.color]),
+        (shapes, lambda group: SHAPE_IDS[group.shape]),
+        (groups, lambda group: scene.index(group) + 1),
+    )
+    for picture, fill in fills:
+        canvas = ImageDraw.Draw(picture)
         for (x, y, radius, group), angle in zip(placed, angles):
-            colour = COLORS[group.color] if fill is None else fill
             if group.shape == "circle":
-                canvas.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+                canvas.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill(group))
             else:
-                canvas.polygon(shape_outline(group.shape, x, y, radius, float(angle)), fill=colour)
-    area = round(np.count_nonzero(np.asarray(mask)) / mask.width / mask.height, 4)
-    return image, area
+                canvas.polygon(shape_outline(group.shape, x, y, radius, float(angle)), fill=fill(group))
+    area = round(np.count_nonzero(np.asarray(shapes)) / IMAGE_SIZE / IMAGE_SIZE, 4)
+    return image, area, shapes, groups
+
+
+def render_referral(group: Group, rng: np.random.Generator) -> str:
+    """A referring expression for one group, e.g. "find the red circles" (colour and shape name it uniquely)."""
+    return pick(rng, REFERRAL_FRAMES).format(r=f"{group.color} {group.shape}{'s' if group.count == 2 else ''}")
+
+
+def group_mask(groups: Image.Image, number: int) -> Image.Image:
+    """The pixels of group `number` (1-based) as a 0/1 palette mask."""
+    mask = new_mask()
+    mask.putdata((np.asarray(groups) == number).astype(np.uint8).flatten().tolist())
+    return mask
 
 
 def with_article(phrase: str) -> str:
@@ -326,7 +358,7 @@ def make_example(seed: int, split: str, index: int, mismatch=DEFAULT_MISMATCH) -
         first, second = second, first
     image_scene = first if match else second
     background = sample_background(rng)
-    image, area = draw_image(image_scene, background, rng)
+    image, area, shapes, groups = draw_image(image_scene, background, rng)
     labels = {
         "background": background.kind,
         "tone": style.tone,
@@ -336,7 +368,19 @@ def make_example(seed: int, split: str, index: int, mismatch=DEFAULT_MISMATCH) -
     missing = {column for column in NULLABLE_COLUMNS if rng.random() < NULL_RATE}
     row = {"file_name": f"{index:05d}.png", "caption": render_caption(first, style, rng), "match": match}
     row.update({column: None if column in missing else value for column, value in labels.items()})
-    return Example(caption_scene=first, image_scene=image_scene, image=image, row=row)
+    # The dense columns draw from their own generator, so the columns above are as they were before them.
+    extra = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    named = int(extra.integers(len(image_scene)))
+    row["referral"] = render_referral(image_scene[named], extra)
+    masks = {"shapes": shapes, "object": group_mask(groups, named + 1)}
+    for column in MASK_COLUMNS:
+        row[f"{column}_file_name"] = None if extra.random() < NULL_RATE else mask_file(index, column)
+    return Example(caption_scene=first, image_scene=image_scene, image=image, row=row, masks=masks)
+
+
+def mask_file(index: int, column: str) -> str:
+    """Where row `index`'s mask of `column` is, relative to its split directory."""
+    return f"masks/{index:05d}_{column}.png"
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -354,13 +398,16 @@ def metadata_line(row: dict) -> str:
 def write_split(out: Path, split: str, size: int, seed: int, mismatch=DEFAULT_MISMATCH) -> None:
     """Write ``size`` rows of ``split`` under ``out/split``, replacing any earlier PNGs and metadata there."""
     directory = out / split
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.png"):
+    (directory / "masks").mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("*.png"), *directory.glob("masks/*.png")]:
         stale.unlink()
     lines = []
     for index in range(size):
         example = make_example(seed, split, index, mismatch)
         (directory / example.row["file_name"]).write_bytes(png_bytes(example.image))
+        for column, mask in example.masks.items():
+            if example.row[f"{column}_file_name"] is not None:
+                (directory / example.row[f"{column}_file_name"]).write_bytes(png_bytes(mask))
         lines.append(metadata_line(example.row))
     (directory / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
 

@@ -40,7 +40,7 @@ def model_card(config: Config, sizes: dict[str, int], validation: dict | None, t
     ]
     for spec in config.tasks:
         primary = PRIMARY_METRIC[spec.type][0]
-        if spec.type == "regression":
+        if spec.type in ("regression", "dense_regression"):
             detail = f"target mean {spec.target_mean:.4g}, std {spec.target_std:.4g}"
         elif spec.labels:
             detail = f"labels: {', '.join(spec.labels)}"

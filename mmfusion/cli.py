@@ -118,6 +118,9 @@ class Predict:
     """--input column with the text (empty or null: no text); default: the checkpoint's training column."""
     batch_size: int = 64
     """Rows per batch."""
+    mask_dir: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    """Where dense tasks' predictions go (segmentation: palette PNG of class ids; dense_regression: .npy), each with
+    a colourised overlay PNG; the JSON names the files. Default: beside --output (its name + _masks), else ./masks."""
 
     def run(self) -> int:
         from .formatting import format_prediction
@@ -131,7 +134,7 @@ class Predict:
             raise InputError(problems[0])
         predictor = Predictor.from_pretrained(self.checkpoint, batch_size=self.batch_size)
         if single:
-            prediction = predictor.predict([self.image], [self.text])[0]
+            prediction = self.save_maps(predictor, predictor.predict([self.image], [self.text]), [self.image])[0]
             print(json.dumps(prediction, indent=2) if self.json else format_prediction(prediction, predictor.tasks))
             return 0
         path = Path(self.input)
@@ -144,6 +147,7 @@ class Predict:
             predictions = predictor.predict(images, texts, image_root=path.parent, progress=True)
         except BadInputError as error:
             raise BadInputError(f"{path}: {error}") from None
+        predictions = self.save_maps(predictor, predictions, images, path.parent)
         lines = [json.dumps({"row": i, "predictions": p}) + "\n" for i, p in enumerate(predictions)]
         if self.output is None:
             sys.stdout.writelines(lines)
@@ -151,6 +155,22 @@ class Predict:
             write_text(Path(self.output), "".join(lines))
             print(f"wrote {len(lines)} predictions to {self.output}", file=sys.stderr)
         return 0
+
+    def save_maps(self, predictor, predictions: list[dict], images: list, root: Path | None = None) -> list[dict]:
+        """Dense tasks' maps written as files (masks.save_prediction), which the predictions then name."""
+        from .masks import save_prediction
+
+        dense = [spec for spec in predictor.tasks if spec.is_dense]
+        if not dense:
+            return predictions
+        directory = Path(self.mask_dir or (f"{Path(self.output).with_suffix('')}_masks" if self.output else "masks"))
+        for i, (prediction, image) in enumerate(zip(predictions, images)):
+            picture = predictor.picture(image, root)
+            for spec in dense:
+                stem = directory / (spec.name if self.input is None else f"{i:05d}_{spec.name}")
+                prediction[spec.name] = save_prediction(spec, prediction[spec.name], picture, stem)
+        print(f"wrote the dense tasks' maps to {directory}/", file=sys.stderr)
+        return predictions
 
 
 def read_rows(path: Path, columns: list[str]) -> list[dict[str, Any]]:

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import tyro
 
-TaskType = Literal["classification", "multilabel", "regression", "matching"]
+TaskType = Literal["classification", "multilabel", "regression", "matching", "segmentation", "dense_regression"]
+DENSE_TASK_TYPES = ("segmentation", "dense_regression")
+"""Task types that predict a map per image (dense.py builds their heads) rather than one value per pair."""
 # The registries' names (IMAGE_ENCODERS, TEXT_ENCODERS, FUSIONS, WEIGHTINGS), so --help lists them and typos stop early.
 ImageEncoderName = Literal[
     "simple_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "timm", "hf"
@@ -32,25 +34,41 @@ class TaskSpec:
     name: str
     """Task name, used as the key of logits, losses and metrics."""
     type: TaskType = "classification"
-    """classification (one label), multilabel (a list of labels), regression (a float) or matching (image-text)."""
+    """classification (one label), multilabel (a list of labels), regression (a float), matching (image-text),
+    segmentation (a class per pixel, from a mask image) or dense_regression (a float per pixel)."""
     column: str | None = None
-    """Dataset column holding the target (default: the task name)."""
+    """Dataset column holding the target (default: the task name); dense tasks: the mask file (path relative to the
+    data, image bytes or a decoded image; dense_regression also .npy)."""
     num_labels: int | None = None
-    """Number of classes (classification, multilabel); filled from `labels` when given."""
+    """Number of classes (classification, multilabel, segmentation: mask ids 0..num_labels-1); filled from `labels`
+    when given."""
     labels: list[str] | None = None
     """Class names in index order; built from the training split when not given."""
     weight: float = 1.0
     """Static loss weight."""
     depths: list[int] | None = None
-    """Fusion layers that get a head (deep supervision), e.g. [0, 1]; default: the last layer only."""
+    """Fusion layers that get a head (deep supervision), e.g. [0, 1]; default: the last layer only. Dense tasks:
+    the decoder stages that get an output layer (0 = the coarsest), e.g. [0, -1]."""
     hidden_layers: int = 0
     """Task-specific MLP layers between the shared fusion output and the head's output layer."""
     label_smoothing: float = 0.0
     """Label smoothing for classification."""
     class_weights: list[float] | None = None
     """Per-class loss weights for classification."""
-    loss: Literal["mse", "huber"] = "mse"
-    """Regression loss."""
+    loss: Literal["mse", "huber", "l1", "silog"] = "mse"
+    """Regression and dense_regression loss: mse, huber, l1, or (dense_regression) silog, the scale-invariant log
+    loss of positive targets (the head then predicts log values)."""
+    dice_weight: float = 0.0
+    """segmentation: the per-pixel cross-entropy plus this times the soft Dice loss (0: cross-entropy only)."""
+    ignore_index: int = 255
+    """segmentation: the mask id of unlabelled pixels (no loss, no metric)."""
+    output_stride: int = 1
+    """Dense tasks: maps are predicted at 1/output_stride of the input side (1: the input resolution); targets are
+    resized to it by nearest neighbour."""
+    value_scale: float = 1.0
+    """dense_regression: the stored value times value_scale is the target (e.g. 1/256 for KITTI-style depth PNGs)."""
+    invalid_value: float | None = None
+    """dense_regression: a stored value that marks a pixel without a measurement (e.g. 0); NaN and inf always do."""
     target_mean: float = 0.0
     """Regression target mean (set from the training split); the head predicts standardised targets."""
     target_std: float = 1.0
@@ -67,15 +85,31 @@ class TaskSpec:
                 raise ValueError(
                     f"task {self.name!r}: num_labels={self.num_labels} but {len(self.labels)} labels were given"
                 )
-        if self.type in ("classification", "multilabel") and self.num_labels is not None and self.num_labels < 1:
+        if self.type in ("classification", "multilabel", "segmentation") and (self.num_labels or 1) < 1:
             raise ValueError(f"task {self.name!r}: num_labels must be >= 1, got {self.num_labels}")
-        if self.type == "regression" and self.target_std <= 0:
-            raise ValueError(f"task {self.name!r}: target_std must be > 0, got {self.target_std}")
+        clash = self.type == "segmentation" and 0 <= self.ignore_index < (self.num_labels or 0)
+        for bad, message in (
+            (
+                self.type in ("regression", "dense_regression") and self.target_std <= 0,
+                f"target_std {self.target_std} <= 0",
+            ),
+            (self.loss == "silog" and self.type != "dense_regression", "loss silog is for dense_regression tasks"),
+            (self.output_stride < 1, f"output_stride must be >= 1, got {self.output_stride}"),
+            (self.dice_weight < 0, f"dice_weight must be >= 0, got {self.dice_weight}"),
+            (clash, f"ignore_index {self.ignore_index} is one of the {self.num_labels} class ids"),
+        ):
+            if bad:
+                raise ValueError(f"task {self.name!r}: {message}")
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the task predicts a map per image (segmentation, dense_regression)."""
+        return self.type in DENSE_TASK_TYPES
 
     @property
     def out_features(self) -> int:
         """Width of the head's output layer."""
-        if self.type == "regression":
+        if self.type in ("regression", "dense_regression"):
             return 1
         if self.type == "matching":
             return 0
@@ -116,6 +150,9 @@ class FusionConfig:
     torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
+    decoder_dim: int = 64
+    """Dense tasks: channels of each task's decoder (dense.py), which upsamples the image encoder's feature maps
+    conditioned on the fused representation."""
     image_lora_rank: int = 0
     """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off);
     they train at --train.encoder_lr."""
@@ -182,8 +219,11 @@ class FusionConfig:
             raise ValueError(f"task names must be unique; repeated: {duplicates}")
 
     def task_depths(self, spec: TaskSpec) -> list[int]:
-        """The fusion layers `spec`'s heads read, as sorted non-negative indices, deepest last."""
+        """The fusion layers `spec`'s heads read, as sorted non-negative indices, deepest last (a dense task's head
+        reads the last; its `depths` are decoder stages)."""
         layers = self.fusion_layers
+        if spec.is_dense:
+            return [layers - 1]
         for depth in spec.head_depths:
             if not -layers <= depth < layers:
                 raise ValueError(f"task {spec.name!r}: depth {depth} is outside the {layers} fusion layers")

@@ -116,8 +116,12 @@ def _load_path(path: Path, config: DataConfig) -> LoadedData:
         except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
             cause = error.__cause__ or error.__context__ or error
             raise DataError(f"{where}: could not be read as {found.builder}: {cause}") from None
-        if found.imagefolder and "file_name" in (split.column_names or []):
-            split = split.rename_column("file_name", config.image_column)
+        if found.imagefolder:  # as `datasets` reads imagefolder metadata: file_name is the image, X_file_name X's file
+            columns = split.column_names or []
+            names = {c: c.removesuffix("_file_name") for c in columns if c.endswith("_file_name") and c != "_file_name"}
+            if "file_name" in columns:
+                names["file_name"] = config.image_column
+            split = split.rename_columns(names) if names else split
         splits[name] = _lift_json_fields(split) if found.builder == "webdataset" else split
     roots = dict.fromkeys(found.roots, Path(config.image_root)) if config.image_root else found.roots
     return LoadedData(splits, roots, str(path))
@@ -215,6 +219,11 @@ def infer_tasks(train: Dataset | IterableDataset, config: DataConfig) -> tuple[l
         if kind is None:
             notes.append(f"column {name!r} ({feature}) ignored: not a label type")
             continue
+        if kind == "classification" and _holds_files(train, feature, name):
+            notes.append(
+                f"column {name!r} (file paths) ignored: for masks, declare a segmentation or dense_regression task"
+            )
+            continue
         tasks.append(TaskSpec(name=name, type=kind))
         notes.append(f"column {name!r} ({_describe(feature)}) -> {kind} task")
     if not tasks:
@@ -244,6 +253,17 @@ def _mostly_decimal_strings(train: Dataset | IterableDataset, feature: Any, colu
     return bool(values) and len(numbers) >= 0.9 * len(values) and any("." in v for v in numbers)
 
 
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
+
+
+def _holds_files(train: Dataset | IterableDataset, feature: Any, column: str) -> bool:
+    """A text column whose values are all file names (masks, images): not class labels."""
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return False
+    values = [v for v in _column_values(train, [column], limit=1000)[column] if v is not None]
+    return bool(values) and all(str(v).lower().endswith(FILE_SUFFIXES) for v in values)
+
+
 def _describe(feature: Any) -> str:
     return getattr(feature, "dtype", None) or type(feature).__name__
 
@@ -263,10 +283,13 @@ def _task_type(feature: Any) -> str | None:
 
 def fit_tasks(tasks: list[TaskSpec], train: Dataset | IterableDataset, config: DataConfig) -> list[TaskSpec]:
     """Label maps and regression statistics from the training split (values of the wrong type are left to checks)."""
-    columns = _column_values(train, [t.column for t in tasks if t.type != "matching" or t.column in _names(train)])
+    read = [t.column for t in tasks if not t.is_dense and (t.type != "matching" or t.column in _names(train))]
+    columns = _column_values(train, read)
     fitted = []
     for spec in tasks:
-        if spec.type == "matching":
+        if spec.type == "segmentation" and spec.num_labels is None:
+            raise DataError(f"segmentation task {spec.name!r} needs num_labels (or labels): its masks hold class ids")
+        if spec.type == "matching" or spec.is_dense:  # dense_regression statistics: prepare.fit_dense_statistics
             fitted.append(spec)
             continue
         values = [v for v in columns[spec.column] if v is not None]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .config import DataConfig, TaskSpec
+from .dense_metrics import segmentation_predictions
 from .metrics import MultiTaskMetrics
 from .model import FusionOutput
 from .prepare import load_split
@@ -32,9 +33,12 @@ MODALITY_CONDITIONS = ("both", "without_image", "without_text")
 
 
 def metric_inputs(spec: TaskSpec, output: FusionOutput) -> torch.Tensor:
-    """What a task's metric reads per sample: logits, or the matching embeddings (retrieval over the whole set)."""
+    """What a task's metric reads per sample: logits, the matching embeddings (retrieval over the whole set), or a
+    segmentation's predicted classes (the maps are gathered across processes; classes are C times smaller)."""
     if spec.type == "matching":
         return output.extras["matching_embeddings"][spec.name]
+    if spec.type == "segmentation":
+        return segmentation_predictions(output.logits[spec.name])
     return output.logits[spec.name]
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .data import ROW_COLUMN
+from .errors import InputError
 from .model import FusionModel
 from .rows import Collator, FusionDataset, presence
 
@@ -39,10 +40,15 @@ def cache_root() -> Path:
 
 
 def wanted(setting: bool | None, model: FusionModel, streaming: bool) -> bool:
-    """`--train.cache_features`: true, false, or (unset) on when no encoder parameter trains and the data is not
-    a stream."""
+    """`--train.cache_features`: true, false, or (unset) on when no encoder parameter trains, the data is not a
+    stream and no task is dense (dense heads read the image encoder's feature maps, which the cache does not hold,
+    and their masks follow each epoch's augmentation)."""
+    if setting and model.dense:
+        raise InputError("--train.cache_features true: dense tasks read the image feature maps, which are not cached")
     if setting is not None:
         return setting
+    if model.dense:
+        return False
     encoders = [*model.image_encoder.parameters(), *model.text_encoder.parameters()]
     return not streaming and not any(p.requires_grad for p in encoders)
 

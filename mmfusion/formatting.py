@@ -83,6 +83,16 @@ def format_prediction(prediction: dict[str, dict], tasks: list[TaskSpec]) -> str
         if spec.type == "regression":
             lines.append(f"{spec.name}: {result['value']:.4g}")
             continue
+        if spec.is_dense:
+            lines.append(
+                f"{spec.name}: " + ", ".join(f"{k} {result[k]}" for k in ("mask", "values", "overlay") if k in result)
+            )
+            if "pixels" in result:
+                ranked = sorted(result["pixels"].items(), key=lambda item: -item[1])[:SHOWN_SCORES]
+                lines += [
+                    f"    {name:<{max(len(n) for n, _ in ranked)}}  {share:.1%} of pixels" for name, share in ranked
+                ]
+            continue
         if spec.type == "matching":
             score = "n/a (image or text missing)" if result["score"] is None else f"{result['score']:.4f}"
             lines.append(f"{spec.name}: image-text similarity {score}")
@@ -112,7 +122,7 @@ def describe_tasks(tasks: list[TaskSpec]) -> list[str]:
     """Each task's type, column and labels (regression: the target statistics)."""
     lines = [f"tasks ({len(tasks)})"]
     for spec in tasks:
-        if spec.type == "regression":
+        if spec.type in ("regression", "dense_regression"):
             detail = f"target mean {spec.target_mean:.4g}, std {spec.target_std:.4g}"
         elif spec.type == "matching":
             detail = "image-text similarity"

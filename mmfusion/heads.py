@@ -1,7 +1,11 @@
 """Task heads: a small optional tower on the shared [B, dim] features, then the task's output layer.
 
 Matching heads are different: they project each modality's pooled vector into a shared space and return
-the [B, B] image-to-text similarity logits (CLIP-style, learnable temperature).
+the [B, B] image-to-text similarity logits (CLIP-style, learnable temperature). Dense heads (segmentation,
+dense_regression) decode the image encoder's feature maps conditioned on the fused vector (dense.py).
+
+Every head is built by `from_config(spec, config, in_dims, map_shapes)`: `in_dims` are the encoders' widths,
+`map_shapes` the (channels, stride) of the image feature maps (`dense.probe_maps`; None when no task is dense).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FusionConfig, TaskSpec
+from .dense import DenseHead
 
 
 class TaskHead(nn.Module):
@@ -29,7 +34,7 @@ class TaskHead(nn.Module):
         self.squeeze = spec.type == "regression"
 
     @classmethod
-    def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> TaskHead:
+    def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int], map_shapes=None) -> TaskHead:
         return cls(spec, config.dim, config.dropout)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -52,7 +57,9 @@ class MatchingHead(nn.Module):
         self.logit_bias = nn.Parameter(torch.zeros(())) if dual else None
 
     @classmethod
-    def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> MatchingHead:
+    def from_config(
+        cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int], map_shapes=None
+    ) -> MatchingHead:
         """A dual encoder's matching head has the source model's matching width; others the fusion's."""
         from .pretrained import dual_source, matching_dim
 
@@ -73,10 +80,19 @@ class MatchingHead(nn.Module):
         return self.similarity(*self.embed(image, text))
 
 
-HEADS = {"classification": TaskHead, "multilabel": TaskHead, "regression": TaskHead, "matching": MatchingHead}
+HEADS = {
+    "classification": TaskHead,
+    "multilabel": TaskHead,
+    "regression": TaskHead,
+    "matching": MatchingHead,
+    "segmentation": DenseHead,
+    "dense_regression": DenseHead,
+}
 
 
-def build_head(spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> nn.Module:
+def build_head(
+    spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int], map_shapes: list[tuple[int, float]] | None = None
+) -> nn.Module:
     if spec.type not in HEADS:
         raise ValueError(f"task {spec.name!r}: unknown type {spec.type!r}; choose from {sorted(HEADS)}")
-    return HEADS[spec.type].from_config(spec, config, in_dims)
+    return HEADS[spec.type].from_config(spec, config, in_dims, map_shapes)

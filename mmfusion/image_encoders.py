@@ -2,9 +2,12 @@
 returning `EncoderOutput` with the (height, width) grid of their tokens.
 
 A CNN's tokens are its final feature map flattened to [B, H*W, C]; a ViT's are its patch tokens (class, register
-and distillation tokens left out). Every class is built by `from_config(config, weights)`: `weights=False` builds
-the architecture alone, as `FusionModel.from_pretrained` does before loading a checkpoint. Pretrained weights come
-from local files or the Hugging Face Hub cache; torchvision weights only ever from a local file (`image_weights`).
+and distillation tokens left out). CNNs also give their stage outputs for dense heads (`returns_maps`,
+`forward(pixel_values, maps=True)`): simple_cnn every stage's (strides 2, 4, 8, ...), torchvision and timm CNNs
+those from stride 4 on; ViTs give none, and dense heads read their tokens as one map. Every class is built by
+`from_config(config, weights)`: `weights=False` builds the architecture alone, as `FusionModel.from_pretrained`
+does before loading a checkpoint. Pretrained weights come from local files or the Hugging Face Hub cache;
+torchvision weights only ever from a local file (`image_weights`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ def _feature_map_output(features: torch.Tensor, pooling: str = "mean") -> Encode
     tokens = features.flatten(2).transpose(1, 2)
     pooled = tokens.amax(1) if pooling == "max" else tokens.mean(1)
     return EncoderOutput(pooled=pooled, tokens=tokens, mask=_all_real(tokens), grid=tuple(features.shape[-2:]))
+
+
+def stage_maps(layers: nn.Module, pixel_values: torch.Tensor, min_stride: int = 4) -> list[torch.Tensor]:
+    """Run `layers` (a CNN's sequence of blocks) one at a time and keep the last output at each resolution from
+    stride `min_stride` on: its stage outputs, finest first, the final output last (the same as `layers(x)`)."""
+    x, maps = pixel_values, []
+    for layer in layers:
+        y = layer(x)
+        finished = y.shape[-2:] != x.shape[-2:] and x is not pixel_values
+        if finished and pixel_values.shape[-2] >= min_stride * x.shape[-2]:
+            maps.append(x)
+        x = y
+    return [*maps, x]
+
+
+def _with_maps(output: EncoderOutput, maps: list[torch.Tensor]) -> EncoderOutput:
+    output.maps = maps
+    return output
 
 
 def token_grid(count: int, height: int, width: int, patch: int | None) -> tuple[tuple[int, int] | None, int]:
@@ -85,12 +106,17 @@ class SimpleCNN(nn.Module):
         self.features = nn.Sequential(*stages)
         self.out_dim = channels
 
+    returns_maps = True
+
     @classmethod
     def from_config(cls, config: FusionConfig, weights: bool = True) -> SimpleCNN:
         return cls(config.image_widths, config.image_pooling)
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        return _feature_map_output(self.features(pixel_values), self.pooling)
+    def forward(self, pixel_values: torch.Tensor, maps: bool = False) -> EncoderOutput:
+        if not maps:
+            return _feature_map_output(self.features(pixel_values), self.pooling)
+        stages = stage_maps(self.features, pixel_values, min_stride=2)
+        return _with_maps(_feature_map_output(stages[-1], self.pooling), stages)
 
 
 class TorchvisionEncoder(nn.Module):
@@ -104,6 +130,7 @@ class TorchvisionEncoder(nn.Module):
         if weights:
             load_backbone_weights(network, weights)
         self.is_vit = name.startswith("vit")
+        self.returns_maps = not self.is_vit
         if self.is_vit:
             network.heads = nn.Identity()  # the classifier is never used
             self.vit = network
@@ -120,9 +147,12 @@ class TorchvisionEncoder(nn.Module):
         size = config.image_size or DEFAULT_IMAGE_SIZE
         return cls(config.image_encoder, size, config.image_weights if weights else None, config.image_pooling)
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, maps: bool = False) -> EncoderOutput:
         if not self.is_vit:
-            return _feature_map_output(self.features(pixel_values), self.pooling)
+            if not maps:
+                return _feature_map_output(self.features(pixel_values), self.pooling)
+            stages = stage_maps(self.features, pixel_values)
+            return _with_maps(_feature_map_output(stages[-1], self.pooling), stages)
         x = self.vit._process_input(pixel_values)
         x = torch.cat([self.vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.vit.encoder(x)
@@ -166,6 +196,7 @@ class TimmImageEncoder(nn.Module):
             model_config["architecture"], pretrained=False, pretrained_cfg=pretrained_cfg, num_classes=0, **kwargs
         )
         self.is_vit = hasattr(self.model, "patch_embed")  # transformers tokenise with a patch embedding; CNNs don't
+        self.returns_maps = not self.is_vit and hasattr(self.model, "forward_intermediates")
         self.channels_first = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NCHW")
         self.out_dim = self.model.num_features
         patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
@@ -202,8 +233,11 @@ class TimmImageEncoder(nn.Module):
             return
         copy_weights(self.model, source, f"timm weights of {weights_file or image_model}")
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        features = self.model.forward_features(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, maps: bool = False) -> EncoderOutput:
+        if maps and self.returns_maps:
+            features, stages = self.model.forward_intermediates(pixel_values, output_fmt="NCHW")
+        else:
+            features, stages = self.model.forward_features(pixel_values), None
         pooled = self.model.forward_head(features, pre_logits=True)
         if features.ndim == 4:  # a feature map
             if not self.channels_first:
@@ -214,7 +248,13 @@ class TimmImageEncoder(nn.Module):
             tokens = features[:, prefix:]
         if pooled.shape[-1] != tokens.shape[-1]:  # a head that changes the width: pool the tokens instead
             pooled = tokens.mean(1)
-        return EncoderOutput(pooled=pooled, tokens=tokens, mask=_all_real(tokens), grid=grid)
+        output = EncoderOutput(pooled=pooled, tokens=tokens, mask=_all_real(tokens), grid=grid)
+        if stages is None:
+            return output
+        # Stage outputs from stride 4 on and finer than the final map, which comes last.
+        size = pixel_values.shape[-2]
+        finer = [m for m in stages if size >= 4 * m.shape[-2] and m.shape[-2] > features.shape[-2]]
+        return _with_maps(output, [*finer, features])
 
 
 class HFImageEncoder(nn.Module):

@@ -13,12 +13,24 @@ from torch import nn
 class EncoderOutput:
     """What every encoder returns: one vector per sample and a sequence of token features with its mask.
     Image encoders also give the (height, width) grid their tokens came from (row-major), so a feature map can be
-    rebuilt as tokens.transpose(1, 2).view(B, D, *grid)."""
+    rebuilt as tokens.transpose(1, 2).view(B, D, *grid); those with `returns_maps` give, when asked
+    (`forward(pixel_values, maps=True)`), their feature maps at several resolutions for dense heads."""
 
     pooled: torch.Tensor  # [B, D]
     tokens: torch.Tensor  # [B, T, D]
     mask: torch.Tensor  # [B, T] bool, True = real token
     grid: tuple[int, int] | None = None  # image tokens: (H, W) with H * W = T; None for text
+    maps: list[torch.Tensor] | None = None  # image feature maps [B, C_i, H_i, W_i], finest first, the tokens' last
+
+
+def feature_maps(output: EncoderOutput) -> list[torch.Tensor]:
+    """An image encoder's feature maps, finest first: those it returned, or its tokens as one map on their grid."""
+    if output.maps:
+        return output.maps
+    if output.grid is None:
+        raise ValueError("dense tasks need an image encoder whose tokens lie on a spatial grid (this one has none)")
+    batch, _, dim = output.tokens.shape
+    return [output.tokens.transpose(1, 2).reshape(batch, dim, *output.grid)]
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

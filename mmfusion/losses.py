@@ -2,7 +2,8 @@
 
 A sample whose mask is False adds nothing to its task's loss; a batch with no labels for a task gives a zero loss
 that is still connected to the graph (so every process in DDP sees the same parameters used), never NaN.
-Nothing here calls backward.
+Dense tasks also leave out unlabelled pixels (segmentation: `ignore_index`; dense_regression: non-finite
+targets) and average over the labelled pixels of the batch. Nothing here calls backward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def default_label_mask(spec: TaskSpec, labels: torch.Tensor) -> torch.Tensor:
         return (labels >= 0).all(-1)
     if spec.type == "regression":
         return torch.isfinite(labels)
+    if spec.type == "segmentation":
+        return (labels != spec.ignore_index).flatten(1).any(1)
+    if spec.type == "dense_regression":
+        return torch.isfinite(labels).flatten(1).any(1)
     return labels > 0  # matching: 1 marks a true image-text pair
 
 
@@ -46,7 +51,7 @@ def regression_loss(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Ten
     """The head predicts standardised targets; labels arrive in their own units."""
     standardised = (torch.where(mask, labels, torch.zeros_like(labels)) - spec.target_mean) / spec.target_std
     standardised = torch.where(mask, standardised, predictions.detach()).to(predictions.dtype)
-    loss = F.mse_loss if spec.loss == "mse" else F.huber_loss
+    loss = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}[spec.loss]
     return _masked_mean(loss(predictions, standardised, reduction="none"), mask)
 
 
@@ -61,11 +66,59 @@ def matching_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, ma
     return _masked_mean(per_sample / 2, mask)
 
 
+def segmentation_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """Per-pixel cross-entropy (class weights, label smoothing) over the labelled pixels of labelled samples, plus
+    `dice_weight` times the soft Dice loss over the same pixels. logits [B, C, H, W], labels [B, H, W]."""
+    logits = logits.float()
+    valid = mask[:, None, None] & (labels != spec.ignore_index)
+    targets = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    class_weights = None if spec.class_weights is None else logits.new_tensor(spec.class_weights)
+    per_pixel = F.cross_entropy(logits, targets, reduction="none", label_smoothing=spec.label_smoothing)
+    loss = _masked_mean(per_pixel, valid, None if class_weights is None else class_weights[targets])
+    if spec.dice_weight:
+        loss = loss + spec.dice_weight * dice_loss(logits, targets, valid)
+    return loss
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - the soft Dice coefficient, averaged over classes, of softmax(logits) against one-hot targets, over the
+    `valid` pixels of the batch (with `smooth`, a batch without valid pixels gives 0)."""
+    probabilities = logits.softmax(1) * valid[:, None]
+    one_hot = F.one_hot(targets, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None]
+    overlap = (probabilities * one_hot).sum((0, 2, 3))
+    total = probabilities.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    return 1 - ((2 * overlap + smooth) / (total + smooth)).mean()
+
+
+SILOG_VARIANCE_FOCUS = 0.85
+"""lambda of the scale-invariant log loss (Eigen et al. 2014): 1 ignores the global scale, 0 is a log-space MSE."""
+
+
+def dense_regression_loss(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """Over the valid pixels (finite targets) of labelled samples: L1, MSE or Huber of the standardised targets;
+    or silog, the scale-invariant log loss per image (the head predicts log values), averaged over images.
+    predictions and labels [B, H, W], labels in their own units."""
+    predictions = predictions.float()
+    valid = mask[:, None, None] & torch.isfinite(labels)
+    if spec.loss == "silog":
+        valid = valid & (labels > 0)
+        difference = torch.where(valid, predictions - torch.log(labels.clamp(min=1e-12)), 0.0)
+        pixels = valid.sum((1, 2)).clamp(min=1)
+        mean, square = difference.sum((1, 2)) / pixels, (difference**2).sum((1, 2)) / pixels
+        per_image = (square - SILOG_VARIANCE_FOCUS * mean**2).clamp(min=0) + 1e-8
+        return _masked_mean(per_image.sqrt(), valid.flatten(1).any(1))
+    standardised = (torch.where(valid, labels, spec.target_mean) - spec.target_mean) / spec.target_std
+    loss = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}[spec.loss]
+    return _masked_mean(loss(predictions, standardised.to(predictions.dtype), reduction="none"), valid)
+
+
 TASK_LOSSES = {
     "classification": classification_loss,
     "multilabel": multilabel_loss,
     "regression": regression_loss,
     "matching": matching_loss,
+    "segmentation": segmentation_loss,
+    "dense_regression": dense_regression_loss,
 }
 
 

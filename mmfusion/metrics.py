@@ -29,6 +29,7 @@ from torchmetrics.functional.classification import (
 )
 
 from .config import TaskSpec
+from .dense_metrics import DenseTaskMetrics
 from .losses import default_label_mask
 
 PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
@@ -36,10 +37,12 @@ PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
     "multilabel": ("map", True),
     "regression": ("r2", True),
     "matching": ("recall@1", True),
+    "segmentation": ("miou", True),
+    "dense_regression": ("r2", True),
 }
 """Task type -> (the metric that stands for the task in `summary`, whether higher is better)."""
 
-LOWER_IS_BETTER = {"mae", "rmse"}
+LOWER_IS_BETTER = {"mae", "rmse", "abs_rel"}
 """Metrics where a decrease is an improvement (sign-corrected in `delta_m`)."""
 
 RECALL_KS = (1, 5)
@@ -219,6 +222,11 @@ class TaskMetrics:
         return matrix[:num_classes, :num_classes].tolist()
 
 
+def task_metrics(spec: TaskSpec) -> TaskMetrics | DenseTaskMetrics:
+    """The metrics of one task: dense tasks keep running sums (dense_metrics.py), the others their samples."""
+    return DenseTaskMetrics(spec) if spec.is_dense else TaskMetrics(spec)
+
+
 class MultiTaskMetrics:
     """`TaskMetrics` for every task, plus the summary (mean primary metric) in `compute()["summary"]`."""
 
@@ -226,7 +234,7 @@ class MultiTaskMetrics:
         self.specs = list(specs)
         if any(spec.name == "summary" for spec in self.specs):
             raise ValueError("a task cannot be named 'summary': that key holds the multi-task summary")
-        self.tasks = {spec.name: TaskMetrics(spec) for spec in self.specs}
+        self.tasks = {spec.name: task_metrics(spec) for spec in self.specs}
 
     def reset(self) -> None:
         for metrics in self.tasks.values():
@@ -277,9 +285,12 @@ def summary(metrics: Mapping[str, Mapping[str, float]], specs: Sequence[TaskSpec
 
 
 def _relative_changes(task: Mapping[str, float], baseline: Mapping[str, float]) -> list[float]:
-    """(-1)^l_k (M_k - B_k) / |B_k| for each metric in both, skipping `count` and zero baselines."""
+    """(-1)^l_k (M_k - B_k) / |B_k| for each metric in both, skipping `count`, per-class values (`iou/<label>`)
+    and zero baselines."""
     changes = []
     for name in sorted(set(task) & set(baseline) - {"count"}):
+        if "/" in name:
+            continue
         value, base = task[name], baseline[name]
         if _is_number(value) and _is_number(base) and base != 0:
             sign = -1.0 if name in LOWER_IS_BETTER else 1.0

@@ -21,14 +21,15 @@ from torch import nn
 from . import __version__
 from .adapters import merged_lora_state
 from .config import FusionConfig, TaskSpec
+from .dense import DenseInputs, probe_maps
 from .errors import CheckpointError
 from .files import atomic_directory
 from .fusions import FusedOutput, build_fusion
 from .heads import build_head
 from .image_encoders import build_image_encoder
-from .layers import EncoderOutput
+from .layers import EncoderOutput, feature_maps
 from .losses import default_label_mask, task_loss
-from .pretrained import dual_source, init_matching_head, resolve_pretrained
+from .pretrained import DEFAULT_IMAGE_SIZE, dual_source, init_matching_head, resolve_pretrained
 from .text_encoders import build_text_encoder
 
 MODEL_CONFIG_NAME = "config.json"
@@ -37,11 +38,13 @@ WEIGHTS_NAME = "model.safetensors"
 
 @dataclass
 class FusionOutput:
-    logits: dict[str, torch.Tensor]  # per task: [B, C] (regression: [B] standardised; matching: [B, B])
+    logits: dict[str, torch.Tensor]  # per task: [B, C] (regression: [B] standardised; matching: [B, B];
+    # segmentation: [B, C, H, W]; dense_regression: [B, H, W] standardised, or log values with the silog loss)
     loss: torch.Tensor | None = None  # weighted sum of task losses (None without labels)
     task_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per task, deep-supervision terms included
     fused: torch.Tensor | None = None  # [B, dim]
-    extras: dict = field(default_factory=dict)  # fusion extras (gates, attention) and the encoders' pooled vectors
+    extras: dict = field(default_factory=dict)  # fusion extras (gates, attention), the encoders' pooled vectors
+    # and, with dense tasks, the image feature maps they read ("image_maps")
 
 
 class FusionModel(nn.Module):
@@ -62,13 +65,15 @@ class FusionModel(nn.Module):
         self.text_encoder = build_text_encoder(config, encoder_weights)
         in_dims = {"image": self.image_encoder.out_dim, "text": self.text_encoder.out_dim}
         self.fusion = build_fusion(config, in_dims)
+        self.dense = any(spec.is_dense for spec in config.tasks)  # the image encoder then gives its feature maps
+        map_shapes = probe_maps(self.image_encoder, config.image_size or DEFAULT_IMAGE_SIZE) if self.dense else None
         # Learned stand-ins for an absent modality (a row with no image or no text).
         self.placeholders = nn.ParameterDict({name: nn.Parameter(torch.randn(d) * 0.02) for name, d in in_dims.items()})
         self.heads = nn.ModuleDict()
         self.aux_heads = nn.ModuleDict()  # deep supervision: task -> {depth: head}, used in training only
         for spec in config.tasks:
             depths = self.config.task_depths(spec)
-            self.heads[spec.name] = build_head(spec, config, in_dims)
+            self.heads[spec.name] = build_head(spec, config, in_dims, map_shapes)
             if spec.type != "matching" and len(depths) > 1:
                 self.aux_heads[spec.name] = nn.ModuleDict(
                     {str(d): build_head(spec, config, in_dims) for d in depths[:-1]}
@@ -115,8 +120,9 @@ class FusionModel(nn.Module):
         return self
 
     def _fill_absent(self, name: str, encoded: EncoderOutput, present: torch.Tensor | None) -> EncoderOutput:
-        """Rows where the modality is absent get the learned placeholder as their one and only token.
-        (Always applied, even when all are present, so the placeholders take part in every graph as DDP expects.)"""
+        """Rows where the modality is absent get the learned placeholder as their one and only token, and zero
+        feature maps for dense heads. (Always applied, even when all are present, so the placeholders take part in
+        every graph as DDP expects.)"""
         if present is None:
             present = torch.ones(encoded.pooled.shape[0], dtype=torch.bool, device=encoded.pooled.device)
         placeholder = self.placeholders[name].to(encoded.pooled.dtype)
@@ -126,18 +132,25 @@ class FusionModel(nn.Module):
         first[:, 0] = True
         mask = (encoded.mask & keep) | (first & ~keep)  # bool logic, not where: onnxruntime has no bool Where
         tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
-        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid)
+        maps = encoded.maps and [torch.where(keep[:, :, None, None], m, 0.0) for m in encoded.maps]
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid, maps=maps)
 
     def encoder_outputs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, EncoderOutput]:
         """What the two encoders return for a batch, before absent modalities are replaced (the feature cache
-        stores these)."""
+        stores these). With dense tasks the image's output carries its feature maps."""
         attention_mask = attention_mask.clone()
         attention_mask[:, 0] = 1  # an empty (absent) text still gets one position, so attention is never empty
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return {"image": self.image_encoder(pixel_values), "text": self.text_encoder(input_ids, attention_mask)}
+        if self.dense and getattr(self.image_encoder, "returns_maps", False):
+            image = self.image_encoder(pixel_values, maps=True)
+        else:
+            image = self.image_encoder(pixel_values)
+        if self.dense:
+            image.maps = feature_maps(image)
+        return {"image": image, "text": self.text_encoder(input_ids, attention_mask)}
 
     def encode(
         self,
@@ -178,28 +191,37 @@ class FusionModel(nn.Module):
         features: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> FusionOutput:
         """Images and texts in (or, with `features`, the encoders' cached outputs instead: see `encode`)."""
+        if self.dense and pixel_values is None:
+            raise ValueError("dense tasks need pixel_values: the image encoder's feature maps are not cached")
         encoded = self.encode(pixel_values, input_ids, attention_mask, image_present, text_present, features)
         fused = self.fusion(encoded, output_attentions=output_attentions)
-        logits, embeddings = {}, {}
+        logits, embeddings, dense_aux = {}, {}, {}
         for spec in self.config.tasks:
             head = self.heads[spec.name]
             if spec.type == "matching":
                 image_embedding, text_embedding = head.embed(encoded["image"].pooled, encoded["text"].pooled)
                 embeddings[spec.name] = torch.cat([image_embedding, text_embedding], dim=-1)
                 logits[spec.name] = head.similarity(image_embedding, text_embedding)
+            elif spec.is_dense:
+                size = tuple(side // spec.output_stride for side in pixel_values.shape[-2:])
+                maps = head(DenseInputs(fused.features, encoded["image"].maps, encoded["text"], size))
+                logits[spec.name], dense_aux[spec.name] = maps.logits, maps.aux
             else:
                 logits[spec.name] = self._head_logits(head, fused, self.config.task_depths(spec)[-1])
         extras = dict(fused.extras)
         extras["pooled"] = {name: out.pooled for name, out in encoded.items()}
         extras["matching_embeddings"] = embeddings  # per matching task: [B, 2E], image then text half
+        if self.dense:
+            extras["image_maps"] = encoded["image"].maps
         output = FusionOutput(logits=logits, fused=fused.features, extras=extras)
         if labels is not None:
-            output.task_losses = self._task_losses(fused, logits, labels, label_mask or {})
+            output.task_losses = self._task_losses(fused, logits, dense_aux, labels, label_mask or {})
             output.loss = sum(self.tasks[name].weight * loss for name, loss in output.task_losses.items())
         return output
 
-    def _task_losses(self, fused, logits, labels, label_mask) -> dict[str, torch.Tensor]:
-        """Each labelled task's masked loss; in training, plus its deep-supervision heads' losses (1/2^k)."""
+    def _task_losses(self, fused, logits, dense_aux, labels, label_mask) -> dict[str, torch.Tensor]:
+        """Each labelled task's masked loss; in training, plus its deep-supervision heads' losses (1/2^k): heads on
+        earlier fusion layers, or a dense head's outputs at earlier decoder stages."""
         losses = {}
         for spec in self.config.tasks:
             if spec.name not in labels:
@@ -208,6 +230,8 @@ class FusionModel(nn.Module):
             mask = label_mask.get(spec.name)
             mask = default_label_mask(spec, target) if mask is None else mask.bool()
             loss = task_loss(spec, logits[spec.name], target, mask)
+            for k, aux_logits in enumerate(dense_aux.get(spec.name, []), start=1):
+                loss = loss + self.aux_scale * 0.5**k * task_loss(spec, aux_logits, target, mask)
             if self.training and spec.name in self.aux_heads:
                 aux_depths = sorted(self.aux_heads[spec.name], key=int, reverse=True)
                 for k, depth in enumerate(aux_depths, start=1):
@@ -323,7 +347,7 @@ def reuse_tasks(tasks: list[TaskSpec], source: list[TaskSpec]) -> list[TaskSpec]
     old = {spec.name: spec for spec in source}
     return [
         dataclasses.replace(spec, target_mean=old[spec.name].target_mean, target_std=old[spec.name].target_std)
-        if spec.type == "regression" and _same_task(spec, old.get(spec.name))
+        if spec.type in ("regression", "dense_regression") and _same_task(spec, old.get(spec.name))
         else spec
         for spec in tasks
     ]

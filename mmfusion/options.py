@@ -131,8 +131,14 @@ def check_values(config: Config) -> list[str]:
             "--data.cache needs map-style data: a stream is read once per epoch and is not cached "
             "(drop --data.cache or --data.streaming)",
         ),
+        (
+            not (data.cache and any(spec.is_dense for spec in config.tasks)),
+            "--data.cache does not serve dense tasks: their masks are cut by the original image's crop box, which "
+            "the cached training crops only approximate (drop --data.cache)",
+        ),
         (data.shuffle_buffer >= 0, f"--data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}"),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
+        (model.decoder_dim > 0, f"--model.decoder_dim must be > 0, got {model.decoder_dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
         (model.image_size is None or model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
         (

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from .errors import BadInputError
 from .frames import column, is_frame, is_missing, predictions_frame
 from .hub import resolve_checkpoint
 from .model import FusionModel, FusionOutput
-from .processing import FusionProcessor
+from .processing import FusionProcessor, open_image, to_rgb
 from .rows import Collator, RowReader, model_inputs
 
 if TYPE_CHECKING:
@@ -155,6 +156,18 @@ class Predictor:
         result = evaluate_checkpoint(self.model, self.processor, config, split, self.batch_size, source=data, cpu=cpu)
         return result.metrics
 
+    def picture(self, image: ImageInput, image_root: str | os.PathLike | None = None) -> np.ndarray | None:
+        """The image as the model sees it (resized and cropped, not normalised) as uint8 RGB; None for no image.
+        Dense tasks' maps cover exactly this picture."""
+        if image is None:
+            return None
+        source = _reference(image, Path(image_root or Path.cwd()).absolute(), 0)
+        if isinstance(source, Image.Image):
+            loaded = to_rgb(source)
+        else:
+            loaded = open_image(source, self.processor.settings.max_image_pixels, f"image {source}")
+        return np.asarray(self.processor.resize(loaded))
+
     @torch.no_grad()
     def predict_batch(self, batch: dict) -> list[dict[str, dict[str, Any]]]:
         """One collated batch through the model, described per sample."""
@@ -202,13 +215,17 @@ def describe(spec: TaskSpec, output: FusionOutput, both_present: list[bool]) -> 
 
     classification: {"label", "scores": {label: probability}}; multilabel: {"labels" (probability >= 0.5),
     "scores"}; regression: {"value"} in the target's original units; matching: {"score"}, the cosine similarity
-    of the image and text embeddings (None when the image or the text is missing: a placeholder has no match).
+    of the image and text embeddings (None when the image or the text is missing: a placeholder has no match);
+    segmentation: {"mask": class ids [H, W] (numpy), "pixels": {label: share of the pixels}}; dense_regression:
+    {"values": [H, W] float32 in the target's units}. Maps are at the model's input size / output_stride.
     """
     if spec.type == "matching":
         image, text = output.extras["matching_embeddings"][spec.name].float().chunk(2, dim=-1)
         similarity = torch.nn.functional.cosine_similarity(image, text, dim=-1).tolist()
         return [{"score": score if present else None} for score, present in zip(similarity, both_present)]
     logits = output.logits[spec.name].float().cpu()
+    if spec.is_dense:
+        return describe_maps(spec, logits)
     if spec.type == "regression":
         values = (logits.reshape(-1) * spec.target_std + spec.target_mean).tolist()
         return [{"value": value} for value in values]
@@ -219,3 +236,14 @@ def describe(spec: TaskSpec, output: FusionOutput, both_present: list[bool]) -> 
         best = probabilities.argmax(-1).tolist()
         return [{"label": names[i], "scores": row} for i, row in zip(best, scores)]
     return [{"labels": [name for name, p in row.items() if p >= 0.5], "scores": row} for row in scores]
+
+
+def describe_maps(spec: TaskSpec, logits: torch.Tensor) -> list[dict[str, Any]]:
+    """A dense task's predictions per sample, as numpy arrays (see `describe`)."""
+    if spec.type == "dense_regression":
+        values = logits.exp() if spec.loss == "silog" else logits * spec.target_std + spec.target_mean
+        return [{"values": array} for array in values.numpy().astype(np.float32)]
+    names = label_names(spec)
+    masks = logits.argmax(1).numpy().astype(np.uint8 if spec.num_labels <= 256 else np.int32)
+    shares = [np.bincount(mask.ravel(), minlength=len(names)) / mask.size for mask in masks]
+    return [{"mask": mask, "pixels": dict(zip(names, share.tolist()))} for mask, share in zip(masks, shares)]

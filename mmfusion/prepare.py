@@ -9,15 +9,19 @@ longest text) comes back in `Prepared`, and the trainer applies it in one visibl
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import Config, DataConfig, TaskSpec
-from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
-from .errors import DataError
+from .data import ROW_COLUMN, LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
+from .errors import BadInputError, DataError
 from .image_cache import open_cache
+from .masks import stored_values
 from .pretrained import image_settings_for, text_settings_for
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 from .rows import FusionDataset, RowReader, SkipReport, check_rows, select_rows
@@ -66,6 +70,40 @@ def build_processor(config: Config, loaded: LoadedData) -> tuple[FusionProcessor
     return FusionProcessor(tokenizer, settings), learned
 
 
+DENSE_STATISTICS_ROWS = 200
+"""Training rows whose masks give a dense_regression task's target mean and standard deviation."""
+
+
+def fit_dense_statistics(
+    tasks: list[TaskSpec], loaded: LoadedData, processor: FusionProcessor, data: DataConfig
+) -> list[TaskSpec]:
+    """dense_regression tasks with the mean and standard deviation of their valid target pixels in the first
+    DENSE_STATISTICS_ROWS training masks (the head predicts standardised values; with the silog loss it predicts
+    log values and needs none). Bad rows are left to the row checks."""
+    wanted = [spec for spec in tasks if spec.type == "dense_regression" and spec.loss != "silog"]
+    if not wanted:
+        return tasks
+    reader = RowReader(processor, wanted, data, loaded.roots["train"], "train", allow_missing_modality=True)
+    values: dict[str, list[np.ndarray]] = {spec.name: [] for spec in wanted}
+    for index, row in enumerate(itertools.islice(loaded.splits["train"], DENSE_STATISTICS_ROWS)):
+        try:
+            _, _, labels, _ = reader.parse(row, row.get(ROW_COLUMN, index))
+        except BadInputError:
+            continue
+        for spec in wanted:
+            if isinstance(labels[spec.name], np.ndarray):
+                found = stored_values(spec, labels[spec.name])
+                values[spec.name].append(found[np.isfinite(found)])
+    fitted = {}
+    for spec in wanted:
+        pixels = np.concatenate(values[spec.name]) if values[spec.name] else np.zeros(0)
+        if not pixels.size:
+            raise DataError(f"dense_regression task {spec.name!r}: no valid target pixels in the first training masks")
+        std = float(pixels.std()) or 1.0
+        fitted[spec.name] = dataclasses.replace(spec, target_mean=float(pixels.mean()), target_std=std)
+    return [fitted.get(spec.name, spec) for spec in tasks]
+
+
 def split_dataset(
     loaded: LoadedData,
     name: str,
@@ -109,6 +147,7 @@ def build_splits(
     learned: dict[str, Any] = {}
     if processor is None:
         processor, learned = build_processor(config, loaded)
+    tasks = fit_dense_statistics(tasks, loaded, processor, data)
     report = SkipReport()
     datasets = {
         name: split_dataset(

@@ -2,7 +2,8 @@
 
 Images: any PIL mode to RGB, resize, (training) a random crop whose randomness derives only from
 (seed, epoch, index), normalisation. Texts: a `tokenizers.Tokenizer` - the Hugging Face model's own for `hf`
-encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map.
+encoders, or a word-level/BPE tokenizer trained on the training text. Labels: each task's label map (dense tasks'
+masks go through the image's own `geometry` in masks.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_file(source: Any, where: str, kind: str = "image") -> Image.Image:
+    """`Image.open` of a path or bytes (not decoded yet), its errors as BadInputError naming the `kind` of file."""
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise BadInputError(f"{where}: {kind} file not found: {source}") from None
+    except PermissionError:
+        raise BadInputError(f"{where}: {kind} file is not readable (permission denied): {source}") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as error:
+        raise BadInputError(f"{where}: not a readable {kind} ({error})") from None
+
+
 def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     """Open and fully decode an image from a path, bytes, a {'bytes', 'path'} dict or a PIL image."""
     if isinstance(source, Image.Image):
@@ -79,14 +92,7 @@ def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     else:
         if isinstance(source, dict):
             source = source.get("bytes") or source.get("path")
-        try:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except FileNotFoundError:
-            raise BadInputError(f"{where}: image file not found: {source}") from None
-        except PermissionError:
-            raise BadInputError(f"{where}: image file is not readable (permission denied): {source}") from None
-        except (OSError, Image.DecompressionBombError, ValueError) as error:
-            raise BadInputError(f"{where}: not a readable image ({error})") from None
+        image = open_file(source, where)
     width, height = image.size
     if width * height > max_pixels:
         raise BadInputError(
@@ -191,6 +197,17 @@ class FusionProcessor:
             image = image.resize((side, side), Image.Resampling[self.settings.interpolation.upper()])
         return np.asarray(image, dtype=np.uint8)
 
+    def geometry(
+        self, image: Image.Image, augment_key: tuple[int, int, int] | None = None, resample: str | None = None
+    ) -> Image.Image:
+        """The image's crop, flip and resize: with `augment_key` = (seed, epoch, index) the random crop and flip
+        drawn from it, then `resize`. Masks go through the same steps with `resample="nearest"`."""
+        if augment_key is not None:
+            image = image.crop(self.crop_box(*image.size, *augment_key))
+            if self._flips(augment_key):
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.resize(image, resample=resample)
+
     def image_tensor(
         self,
         image: Image.Image | np.ndarray,
@@ -201,11 +218,7 @@ class FusionProcessor:
         flip). From the image cache: the stored uint8 array, and `size`, the original image's (width, height)."""
         if isinstance(image, np.ndarray):
             return self.normalise(image if augment_key is None else self._cached_crop(image, augment_key, size))
-        if augment_key is not None:
-            image = image.crop(self.crop_box(*image.size, *augment_key))
-            if self._flips(augment_key):
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.normalise(self.resize(image))
+        return self.normalise(self.geometry(image, augment_key))
 
     def _flips(self, augment_key: tuple[int, int, int]) -> bool:
         return self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5
@@ -235,10 +248,13 @@ class FusionProcessor:
         std = torch.tensor(self.settings.std).view(3, 1, 1)
         return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
-    def resize(self, image: Image.Image, like: tuple[int, int] | None = None) -> Image.Image:
-        """Resize (squashed, or by the shortest edge) to image_size / crop_pct, then crop the center square. `like`:
-        the (width, height) whose aspect a shortest-edge resize keeps, when `image` stands for an image of another
-        shape (a crop of the image cache's squashed square stands for a crop of the original)."""
+    def resize(
+        self, image: Image.Image, like: tuple[int, int] | None = None, resample: str | None = None
+    ) -> Image.Image:
+        """Resize (squashed, or by the shortest edge) to image_size / crop_pct with the `resample` filter (default:
+        the settings' interpolation), then crop the center square. `like`: the (width, height) whose aspect a
+        shortest-edge resize keeps, when `image` stands for an image of another shape (a crop of the image cache's
+        squashed square stands for a crop of the original)."""
         settings, size = self.settings, self.settings.image_size
         scaled = math.floor(size / settings.crop_pct + 1e-6)
         if settings.resize == "shortest_edge":
@@ -248,9 +264,8 @@ class FusionProcessor:
             target = (scaled, other) if width <= height else (other, scaled)
         else:
             target = (scaled, scaled)
-        resample = Image.Resampling[settings.interpolation.upper()]
         if image.size != target:
-            image = image.resize(target, resample)
+            image = image.resize(target, Image.Resampling[(resample or settings.interpolation).upper()])
         if image.size != (size, size):
             left, top = round((image.width - size) / 2), round((image.height - size) / 2)
             image = image.crop((left, top, left + size, top + size))

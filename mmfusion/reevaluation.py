@@ -16,6 +16,7 @@ from accelerate.utils import send_to_device
 
 from . import viz
 from .config import Config, TaskSpec
+from .dense_report import MaskExample, mask_examples
 from .errors import InputError
 from .evaluation import CONDITIONS, evaluate
 from .metrics import PRIMARY_METRIC
@@ -49,6 +50,8 @@ class CheckpointResults:
     gates: np.ndarray | None = None  # gated fusion: [rows, dim]
     attention: list[viz.AttentionExample] = field(default_factory=list)
     attention_note: str = ""
+    dense: dict[str, dict[str, float]] = field(default_factory=dict)  # dense task -> its validation metrics
+    masks: list[MaskExample] = field(default_factory=list)  # dense tasks' maps on the first validation images
 
     def as_json(self) -> dict[str, Any]:
         """The re-evaluated numbers: primary metric per task and condition, labelled confusion matrices."""
@@ -57,6 +60,7 @@ class CheckpointResults:
             "primary_metric": self.primary,
             "modality": self.modality,
             "confusion": {task: {"labels": self.labels[task], "matrix": m} for task, m in self.confusion.items()},
+            "dense": self.dense,
         }
 
 
@@ -120,17 +124,17 @@ def validation_rows(
     return ValidationRows(dataset, processor, data.text_column, device, batch_size)
 
 
-def modality_table(model: FusionModel, rows: ValidationRows) -> tuple[dict, dict]:
-    """Each task's primary metric with both modalities, each one removed and both removed; and the confusion
-    matrices of the pass with both."""
+def modality_table(model: FusionModel, rows: ValidationRows) -> tuple[dict, dict, dict]:
+    """Each task's primary metric with both modalities, each one removed and both removed; the confusion matrices
+    and every metric of the pass with both."""
     tasks = model.config.tasks
     results = evaluate(model, rows.loader(), None, tasks, tuple(CONDITIONS))
-    table = {spec.name: {} for spec in tasks}
+    table, computed = {spec.name: {} for spec in tasks}, {}
     for condition, metrics in results.items():
-        computed = metrics.compute()
+        computed[condition] = metrics.compute()
         for spec in tasks:
-            table[spec.name][condition] = computed[spec.name].get(PRIMARY_METRIC[spec.type][0])
-    return table, results["both"].confusion_matrices()
+            table[spec.name][condition] = computed[condition][spec.name].get(PRIMARY_METRIC[spec.type][0])
+    return table, results["both"].confusion_matrices(), computed["both"]
 
 
 def batch_mistakes(spec: TaskSpec, logits: torch.Tensor, batch: dict, rows: ValidationRows) -> list[viz.Mistake]:
@@ -224,7 +228,7 @@ def evaluate_checkpoint(
     else:
         size = batch_size or config.train.eval_batch_size
         rows = ValidationRows(validation, processor, processor.settings.text_column, device, size)
-    table, matrices = modality_table(model, rows)
+    table, matrices, metrics = modality_table(model, rows)
     mistakes, gates = inspect_rows(model, rows)
     tasks = model.tasks
     results = CheckpointResults(
@@ -239,4 +243,7 @@ def evaluate_checkpoint(
     )
     if model.config.fusion == "cross_attention":
         results.attention, results.attention_note = attention_examples(model, rows)
+    if model.dense:
+        results.dense = {spec.name: metrics[spec.name] for spec in model.config.tasks if spec.is_dense}
+        results.masks = mask_examples(model, rows)
     return results

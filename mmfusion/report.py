@@ -6,7 +6,8 @@
 The page shows the run's configuration and test metrics, the training curves and the validation metrics over
 steps (as logged in metrics.jsonl; of the records a resume repeats for a step, the last), then, from the
 checkpoint re-evaluated on the run's validation split: confusion matrices, the modality-contribution table, the
-fusion's gate values or cross-attention maps, and the most confident errors. Figures are embedded as data URIs;
+fusion's gate values or cross-attention maps, the most confident errors and, for dense tasks, true and predicted
+maps with each class's IoU. Figures are embedded as data URIs;
 the numbers are also embedded as JSON in `<script type="application/json" id="report-data">`.
 """
 
@@ -22,6 +23,7 @@ import torch
 
 from . import viz
 from .config import Config, TaskSpec
+from .dense_report import dense_section
 from .errors import InputError
 from .html_page import esc, figure, note, number, render_page, section, table
 from .reevaluation import MISTAKES_SHOWN, CheckpointResults, evaluate_checkpoint
@@ -106,6 +108,8 @@ def write_report(run_dir: Path, **options) -> Path:
     sections = [header(data), curves_section(data, figure_dir), validation_section(data, figure_dir)]
     sections += [confusion_section(data, figure_dir), modality_section(data, figure_dir)]
     sections += [fusion_section(data, figure_dir), mistakes_section(data, figure_dir)]
+    if data.checkpoint is not None and any(spec.is_dense for spec in data.tasks):
+        sections.append(dense_section(data.tasks, data.checkpoint, checkpoint_intro(data.checkpoint), figure_dir))
     page = run_dir / REPORT_NAME
     page.write_text(render_page(f"Training report: {run_dir.name}", sections, data.as_json()))
     return page

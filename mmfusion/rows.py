@@ -20,6 +20,7 @@ from .config import DataConfig, TaskSpec
 from .data import ROW_COLUMN
 from .errors import BadInputError, DataError
 from .image_cache import ImageCache
+from .masks import mask_target, read_mask
 from .processing import FusionProcessor, open_image
 
 
@@ -68,14 +69,14 @@ class RowReader:
             return f"{self.split} split (held out of the train data), train row {index}"
         return f"{self.split} split, row {index}"
 
-    def image_path(self, reference: str, where: str) -> Path:
+    def image_path(self, reference: str, where: str, kind: str = "image") -> Path:
         """A relative (or absolute) path that must stay inside the data directory (when there is one)."""
         if self.root is None:
             return Path(reference)
         root = os.path.normpath(os.path.abspath(self.root))
         resolved = os.path.normpath(os.path.join(root, reference))
         if os.path.commonpath([root, resolved]) != root:
-            raise BadInputError(f"{where}: image path {reference!r} escapes the data directory {root}")
+            raise BadInputError(f"{where}: {kind} path {reference!r} escapes the data directory {root}")
         return Path(resolved)
 
     def load_image(self, value: Any, where: str):
@@ -88,6 +89,18 @@ class RowReader:
                 raise BadInputError(f"{where}: empty image path")
             value = str(self.image_path(value, where))
         return open_image(value, self.config.max_image_pixels, where)
+
+    def load_mask(self, spec: TaskSpec, value: Any, where: str, image) -> Any:
+        """A dense task's mask (masks.read_mask), checked against its image when there is one; None: no mask."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadInputError(f"{where}: empty mask path")
+            value = self.image_path(value, where, kind="mask")
+        return read_mask(spec, value, where, None if image is None else image.size)
 
     def text(self, value: Any, where: str) -> str | None:
         if value is None:
@@ -124,9 +137,15 @@ class RowReader:
         labels, masks = {}, {}
         for spec in self.tasks:
             value = row.get(spec.column) if spec.column in row else None
-            labels[spec.name], masks[spec.name] = self.processor.encode_label(
-                spec, value, f"{where}, field {spec.column!r}"
-            )
+            field_where = f"{where}, field {spec.column!r}"
+            if spec.is_dense:  # the stored mask, checked; read() puts it through its image's geometry
+                decoded = decode_image and image is not None
+                labels[spec.name] = (
+                    self.load_mask(spec, value, field_where + _file_hint(value), image) if decoded else value
+                )
+                masks[spec.name] = value is not None
+            else:
+                labels[spec.name], masks[spec.name] = self.processor.encode_label(spec, value, field_where)
         return image, text, labels, masks
 
     def read(
@@ -150,6 +169,9 @@ class RowReader:
             image is not None, text is not None, modality_dropout, seed, epoch, index
         )
         key = (seed, epoch, index) if augment else None
+        for spec in (spec for spec in self.tasks if spec.is_dense):  # no image (or dropped): no map to predict
+            mask = labels[spec.name] if image_present and masks[spec.name] else None
+            labels[spec.name], masks[spec.name] = mask_target(self.processor, spec, mask, key)
         pixels = self.processor.image_tensor(image, key, size) if image_present else self.processor.blank_image()
         return {
             "row": index,
@@ -180,6 +202,14 @@ def _file_hint(value: Any) -> str:
 def reason(message: str) -> str:
     """A short category of a bad row's message, for the skip counts."""
     for needle, reason in (
+        ("mask file not found", "missing mask file"),
+        ("mask path", "mask path outside the data directory"),
+        ("not a readable mask", "unreadable mask"),
+        ("mask is corrupt", "unreadable mask"),
+        ("mask file is not readable", "unreadable mask"),
+        ("does not match its image", "mask size mismatch"),
+        ("out of range for task", "mask class id out of range"),
+        ("mask", "bad mask"),
         ("not found", "missing image file"),
         ("escapes", "image path outside the data directory"),
         ("decompression bomb", "image too large"),

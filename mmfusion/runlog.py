@@ -126,11 +126,13 @@ def best_record(validation: list[dict], best_metric: str) -> dict | None:
 
 
 def metrics_line(metrics: dict) -> str:
-    """`summary S | task: metric v, ...` on one line."""
+    """`summary S | task: metric v, ...` on one line (per-class values such as `iou/<label>` left out)."""
     parts = [f"summary {metrics['summary']:.4f}"] if "summary" in metrics else []
     for task, values in metrics.items():
         if isinstance(values, dict) and "count" in values:
-            shown = [f"{k} {v:.4f}" for k, v in values.items() if k != "count" and isinstance(v, float)]
+            shown = [
+                f"{k} {v:.4f}" for k, v in values.items() if k != "count" and "/" not in k and isinstance(v, float)
+            ]
             parts.append(f"{task}: {', '.join(shown) or 'no labels'}")
     return " | ".join(parts)
 

@@ -192,10 +192,10 @@ def _weight_lines(ax: Axes, steps: list[int], records: Sequence[dict], tasks: li
 
 def metric_panels(records: Sequence[dict], tasks: Sequence[tuple[str, str]]) -> list[tuple[str, str, list[str], str]]:
     """(title, task, metrics, y label) of each validation panel: the summary, then per task its scores and,
-    apart (they are in the target's units), its error metrics."""
+    apart (they are in the target's units), its error metrics; per-class values (`iou/<label>`) are left out."""
     panels = [("summary (mean primary metric)", "", ["summary"], "mean primary metric")]
     for task, task_type in tasks:
-        names = list(dict.fromkeys(k for r in records for k in r.get(task, {}) if k != "count"))
+        names = list(dict.fromkeys(k for r in records for k in r.get(task, {}) if k != "count" and "/" not in k))
         errors = [name for name in names if name in LOWER_IS_BETTER]
         scores = [name for name in names if name not in LOWER_IS_BETTER]
         if scores:

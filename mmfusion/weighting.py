@@ -314,10 +314,11 @@ def build_weighting(name: str, tasks: list[TaskSpec], seed: int = 0) -> LossWeig
 
 
 def shared_tensors(model, output, weighting) -> list[torch.Tensor]:
-    """What gradient-based weightings differentiate: the trainable parameters outside the task heads, or the
-    shared representation every head reads (the fused features and each encoder's pooled vector)."""
+    """What gradient-based weightings differentiate: the trainable parameters outside the task heads (a dense
+    task's decoder is its head), or the shared representation the heads read (the fused features, each encoder's
+    pooled vector and, with dense tasks, the image feature maps their decoders read)."""
     if weighting.space == "representation":
-        return [output.fused, *output.extras["pooled"].values()]
+        return [output.fused, *output.extras["pooled"].values(), *output.extras.get("image_maps", [])]
     return [
         p
         for name, p in model.named_parameters()

@@ -102,6 +102,56 @@ def test_every_parameter_gets_a_gradient_with_and_without_deep_supervision(text,
     assert not missing, f"no gradient: {missing}"
 
 
+DENSE_IMAGE_ENCODERS = {
+    "cnn": {"image_encoder": "simple_cnn"},  # stage maps at strides 2 and 4: skip connections
+    "vit": {"image_encoder": "timm", "image_model": "test_vit"},  # patch tokens as one map: upsampling stages
+}
+
+
+@pytest.mark.parametrize("family", sorted(DENSE_IMAGE_ENCODERS))
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_dense_maps_with_every_fusion_and_image_encoder_family(fusion, family, tmp_path):
+    """Segmentation (deep supervision on two decoder stages) and dense regression at stride 2 beside a per-pair
+    task: maps of the right shape, a gradient for every parameter (absent images and texts too), the text changes
+    the maps once trained a step, and save/load keeps them."""
+    tasks = [
+        TaskSpec("seg", "segmentation", num_labels=3, depths=[0, -1], dice_weight=0.5),
+        TaskSpec("depth", "dense_regression", output_stride=2),
+        TaskSpec("topic", num_labels=3),
+    ]
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config(fusion=fusion, tasks=tasks, **DENSE_IMAGE_ENCODERS[family])).train()
+    batch = tiny_batch()
+    generator = torch.Generator().manual_seed(1)
+    seg = torch.randint(0, 3, (4, 32, 32), generator=generator)
+    seg[0, :4] = 255
+    depth = torch.rand(4, 16, 16, generator=generator)
+    depth[1, 0] = float("nan")
+    labels = {"seg": seg, "depth": depth, "topic": batch["labels"]["topic"]}
+    present = {
+        "image_present": torch.tensor([True, True, False, True]),
+        "text_present": torch.tensor([True, False, True, True]),
+    }
+    out = model(**_inputs(batch), labels=labels, **present)
+    assert out.logits["seg"].shape == (4, 3, 32, 32) and out.logits["depth"].shape == (4, 16, 16)
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no (finite) gradient: {missing}"
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    with torch.no_grad():
+        reference = model(**_inputs(batch)).logits
+        other_text = {
+            **_inputs(batch),
+            "input_ids": batch["input_ids"].roll(1, 0),
+            "attention_mask": batch["attention_mask"].roll(1, 0),
+        }
+        assert not torch.allclose(model(**other_text).logits["seg"], reference["seg"])
+        model.save_pretrained(tmp_path / "ckpt")
+        loaded = FusionModel.from_pretrained(tmp_path / "ckpt").eval()
+        _assert_logits_close(loaded(**_inputs(batch)).logits, reference, atol=0)
+
+
 def test_checkpoints_with_unread_fusion_read_outs_still_load(tmp_path):
     """mmfusion 0.1 saved a cross_attention read-out at every layer; the unread one is dropped on loading."""
     torch.manual_seed(0)

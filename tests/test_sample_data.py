@@ -2,12 +2,14 @@
 
 Besides the schema, these tests verify the design properties that make the label columns useful tasks:
 ``match`` needs both modalities, ``background`` is image-only, ``tone`` is text-only, and the image-derived
-labels (``area``, ``colors``, ``background``) agree with the pixels.
+labels (``area``, ``colors``, ``background``) agree with the pixels, as do the dense tasks' masks (``shapes``, and
+``object``, the group the ``referral`` names).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from collections import Counter, defaultdict
@@ -53,8 +55,17 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(dataset):
-    """Label rows (no images) per split, as lists of dicts."""
-    return {split: dataset[split].remove_columns("image").to_list() for split in SPLIT_SIZES}
+    """Label rows (no images or masks) per split, as lists of dicts."""
+    return {split: dataset[split].remove_columns(["image", "shapes", "object"]).to_list() for split in SPLIT_SIZES}
+
+
+@pytest.fixture(scope="module")
+def metadata() -> dict[str, list[dict]]:
+    """The metadata.jsonl rows per split, as written (mask columns as `<column>_file_name` paths)."""
+    return {
+        split: [json.loads(line) for line in (SAMPLE / split / "metadata.jsonl").read_text().splitlines()]
+        for split in SPLIT_SIZES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +169,16 @@ def test_splits_sizes_and_features(dataset):
     assert {split: dataset[split].num_rows for split in dataset} == SPLIT_SIZES
     features = dataset["train"].features
     assert isinstance(features["image"], datasets.Image)
-    assert {name: features[name].dtype for name in ("caption", "match", "background", "tone", "area")} == {
+    names = ("caption", "match", "background", "tone", "area", "referral")
+    assert {name: features[name].dtype for name in names} == {
         "caption": "string",
         "match": "bool",
         "background": "string",
         "tone": "string",
         "area": "float64",
+        "referral": "string",
     }
+    assert isinstance(features["shapes"], datasets.Image) and isinstance(features["object"], datasets.Image)
     list_types = (getattr(datasets, "List", datasets.Sequence), datasets.Sequence)  # `List` is new in datasets 4
     assert isinstance(features["colors"], list_types) and features["colors"].feature.dtype == "string"
     for split in SPLIT_SIZES:
@@ -203,6 +217,39 @@ def test_about_15_percent_of_labels_are_missing(rows, column):
     for split in SPLIT_SIZES:
         missing = np.mean([row[column] is None for row in rows[split]])
         assert 0.10 <= missing <= 0.20, (split, missing)
+
+
+@pytest.mark.parametrize("column", ["shapes", "object"])
+def test_about_15_percent_of_masks_are_missing_and_the_rest_exist(metadata, column):
+    for split, lines in metadata.items():
+        files = [row[f"{column}_file_name"] for row in lines]
+        assert 0.10 <= np.mean([file is None for file in files]) <= 0.20, split
+        assert all((SAMPLE / split / file).is_file() for file in files if file is not None)
+        assert len(list((SAMPLE / split / "masks").glob(f"*_{column}.png"))) == sum(f is not None for f in files)
+
+
+def test_masks_agree_with_the_pixels_and_the_referral(metadata, gen):
+    """The shapes mask covers exactly the object pixels (palette colours), its ids are the scene's shapes, and the
+    object mask is exactly the pixels of the colour and shape the referral names."""
+    checked = 0
+    for index, row in enumerate(metadata["validation"]):
+        if row["shapes_file_name"] is None or row["object_file_name"] is None:
+            continue
+        image = np.asarray(Image.open(SAMPLE / "validation" / row["file_name"]))
+        shapes = Image.open(SAMPLE / "validation" / row["shapes_file_name"])
+        named = Image.open(SAMPLE / "validation" / row["object_file_name"])
+        assert shapes.mode == named.mode == "P" and shapes.size == named.size == (64, 64)
+        shapes, named = np.asarray(shapes), np.asarray(named)
+        codes = image.reshape(64, 64, 3).astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])
+        colour_codes = {name: r << 16 | g << 8 | b for name, (r, g, b) in gen.COLORS.items()}
+        assert np.array_equal(shapes > 0, np.isin(codes, list(colour_codes.values())))
+        scene = gen.make_example(0, "validation", index).image_scene
+        assert set(np.unique(shapes)) - {0} == {gen.SHAPE_IDS[group.shape] for group in scene}
+        colour, shape = next((c, s) for c in gen.COLORS for s in gen.SHAPES if f"{c} {s}" in row["referral"])
+        expected = (codes == colour_codes[colour]) & (shapes == gen.SHAPE_IDS[shape])
+        assert expected.any() and np.array_equal(named, expected.astype(np.uint8))
+        checked += 1
+    assert checked > 300
 
 
 def test_classes_are_roughly_balanced(rows, all_rows, gen):
@@ -285,13 +332,23 @@ def test_regenerated_rows_equal_committed_rows(gen):
             assert gen.metadata_line(example.row) == lines[index]
             committed = np.asarray(Image.open(SAMPLE / split / example.row["file_name"]))
             assert np.array_equal(np.asarray(example.image), committed)
+            for column, mask in example.masks.items():
+                if example.row[f"{column}_file_name"] is not None:
+                    committed = (SAMPLE / split / example.row[f"{column}_file_name"]).read_bytes()
+                    assert gen.png_bytes(mask) == committed
 
 
 def test_generation_is_byte_identical(gen, tmp_path):
     for run in ("first", "second"):
         gen.main(["--out", str(tmp_path / run), "--seed", "3", "--train", "4", "--validation", "2", "--test", "2"])
     files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*") if p.is_file())
-    assert len(files) == 4 + 2 + 2 + 3
+    rows = [
+        json.loads(line)
+        for split in ("train", "validation", "test")
+        for line in open(tmp_path / "first" / split / "metadata.jsonl")
+    ]
+    masks = sum(row[f"{column}_file_name"] is not None for row in rows for column in ("shapes", "object"))
+    assert masks > 0 and len(files) == 4 + 2 + 2 + 3 + masks
     for file in files:
         assert (tmp_path / "first" / file).read_bytes() == (tmp_path / "second" / file).read_bytes()
 
