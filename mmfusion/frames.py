@@ -107,7 +107,9 @@ def predictions_frame(predictions: list[dict[str, dict]], tasks: list[TaskSpec],
 
     classification: `<task>` (label) and `<task>_score_<label>` (probability) columns; multilabel: `<task>` (list
     of labels with probability >= 0.5) and score columns; regression: `<task>` in the target's units; matching:
-    `<task>` (image-text cosine similarity; NaN when the image or the text is missing)."""
+    `<task>` (image-text cosine similarity; NaN when the image or the text is missing); segmentation: `<task>` (the
+    class-id map, a numpy array per row) and `<task>_pixels_<label>` (share of the pixels); dense_regression: `<task>`
+    (the map of values)."""
     import pandas
 
     from .predictor import label_names
@@ -115,7 +117,13 @@ def predictions_frame(predictions: list[dict[str, dict]], tasks: list[TaskSpec],
     columns: dict[str, list] = {}
     for spec in tasks:
         results = [prediction[spec.name] for prediction in predictions]
-        if spec.type == "regression":
+        if spec.type == "segmentation":
+            columns[spec.name] = [result["mask"] for result in results]
+            for label in label_names(spec):
+                columns[f"{spec.name}_pixels_{label}"] = [result["pixels"][label] for result in results]
+        elif spec.type == "dense_regression":
+            columns[spec.name] = [result["values"] for result in results]
+        elif spec.type == "regression":
             columns[spec.name] = [result["value"] for result in results]
         elif spec.type == "matching":
             columns[spec.name] = [result["score"] for result in results]

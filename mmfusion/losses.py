@@ -81,13 +81,16 @@ def segmentation_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - the soft Dice coefficient, averaged over classes, of softmax(logits) against one-hot targets, over the
-    `valid` pixels of the batch (with `smooth`, a batch without valid pixels gives 0)."""
+    """1 - the soft Dice coefficient of softmax(logits) against one-hot targets over each image's `valid` pixels,
+    averaged over classes, then over the images with valid pixels (per image, so that the loss of a batch split
+    among processes is the loss of the whole batch; `smooth` makes a class absent from both count as perfect)."""
     probabilities = logits.softmax(1) * valid[:, None]
     one_hot = F.one_hot(targets, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None]
-    overlap = (probabilities * one_hot).sum((0, 2, 3))
-    total = probabilities.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
-    return 1 - ((2 * overlap + smooth) / (total + smooth)).mean()
+    overlap = (probabilities * one_hot).sum((2, 3))
+    total = probabilities.sum((2, 3)) + one_hot.sum((2, 3))
+    per_image = 1 - ((2 * overlap + smooth) / (total + smooth)).mean(1)
+    labelled = valid.flatten(1).any(1)
+    return (per_image * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 SILOG_VARIANCE_FOCUS = 0.85

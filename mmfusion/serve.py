@@ -7,7 +7,8 @@
 
 `POST /predict` takes one input: multipart form data (an `image` file and/or a `text` field), or a JSON object with
 `image` (base64 bytes) or `image_path` (relative to --image_root; refused without one, and never outside it), and
-`text`. It answers {"predictions": {task: ...}} in the terms of `Predictor.predict`. `GET /health` reports the
+`text`. It answers {"predictions": {task: ...}} in the terms of `Predictor.predict` (dense tasks' maps as nested
+lists of rows). `GET /health` reports the
 requests and batches served; `GET /model` the tasks, labels and versions.
 
 Requests that arrive together share one forward pass: `MicroBatcher` gathers up to --max_batch inputs, waiting at
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -118,7 +120,7 @@ def create_app(predictor: Predictor, options: Serve, checkpoint: str = "", backe
     batcher: MicroBatcher | None = None
 
     def predict_rows(rows: list[dict]) -> list[dict]:
-        return predictor.predict_batch(predictor.collate(rows))
+        return [jsonable(prediction) for prediction in predictor.predict_batch(predictor.collate(rows))]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -270,6 +272,14 @@ def decode(source: bytes | str, field: str, options: Serve) -> Image.Image:
     return open_image(source, options.max_image_pixels, f"field {field!r}")
 
 
+def jsonable(prediction: dict[str, dict]) -> dict[str, dict]:
+    """A prediction with its numpy maps (dense tasks) as nested lists, which JSON can carry."""
+    return {
+        task: {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in result.items()}
+        for task, result in prediction.items()
+    }
+
+
 def describe_model(predictor: Predictor, checkpoint: str, backend: str, options: Serve) -> dict:
     """GET /model: the tasks and their labels, input sizes, limits and the versions involved."""
     import torch
@@ -285,7 +295,7 @@ def describe_model(predictor: Predictor, checkpoint: str, backend: str, options:
     tasks = []
     for spec in predictor.tasks:
         task = {"name": spec.name, "type": spec.type}
-        if spec.type in ("classification", "multilabel"):
+        if spec.type in ("classification", "multilabel", "segmentation"):
             task["labels"] = label_names(spec)
         tasks.append(task)
     settings = predictor.processor.settings

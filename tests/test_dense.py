@@ -645,6 +645,48 @@ def test_train_predict_evaluate_and_report_with_dense_tasks(dense_data, tmp_path
     data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))
     assert set(data["checkpoint"]["dense"]["kinds"]) >= {"miou", "iou/0", "iou/3", "pixel_accuracy"}
 
+    # DataFrames in and out: maps as arrays per row; evaluation of a frame equals `mmfusion evaluate` on the files
+    import pandas
+
+    folder = dense_data / "validation"
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    frame = pandas.DataFrame(
+        {
+            "image": [str(folder / line["file_name"]) for line in lines],
+            "caption": [line["caption"] for line in lines],
+            **{task: [str(folder / line[f"{task}_file_name"]) for line in lines] for task in ("object", "kinds")},
+            "height": [str(folder / line["height_file_name"]) for line in lines],
+            "big": [line["big"] for line in lines],
+        }
+    )
+    predicted = predictor.predict(frame)
+    expected = predictor.predict(list(frame["image"]), list(frame["caption"]))
+    assert all(np.array_equal(a, b["object"]["mask"]) for a, b in zip(predicted["object"], expected))
+    assert all(np.array_equal(a, b["height"]["values"]) for a, b in zip(predicted["height"], expected))
+    assert list(predicted["kinds_pixels_0"]) == [row["kinds"]["pixels"]["0"] for row in expected]
+    record = tmp_path / "metrics.json"
+    command = ["evaluate", str(out / "best"), "--data.path", str(dense_data), "--split", "validation"]
+    assert cli.main([*command, "--output", str(record)]) == 0
+    assert predictor.evaluate(frame, split="validation") == json.loads(record.read_text())["metrics"]
+
+    # served: the maps as nested lists; exported: the graph's maps are torch's
+    from fastapi.testclient import TestClient
+
+    from mmfusion.export import export_onnx
+    from mmfusion.serve import create_app
+
+    app = create_app(predictor, cli.Serve(checkpoint=str(out / "best")), str(out / "best"))
+    with TestClient(app) as client:
+        answer = client.post(
+            "/predict", files={"image": ("x.png", image.read_bytes())}, data={"text": "the red square"}
+        )
+    assert answer.status_code == 200
+    assert np.array_equal(np.array(answer.json()["predictions"]["object"]["mask"]), result["object"]["mask"])
+    exported = export_onnx(out / "best", tmp_path / "onnx").path.parent
+    graph = Predictor.from_pretrained(exported, backend="onnx").predict([str(image)], ["the red square"])[0]
+    assert np.array_equal(graph["object"]["mask"], result["object"]["mask"])
+    assert np.allclose(graph["height"]["values"], result["height"]["values"], atol=1e-4)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
