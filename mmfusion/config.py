@@ -21,7 +21,15 @@ import yaml
 TaskType = Literal["classification", "multilabel", "regression", "matching"]
 # The registries' names (IMAGE_ENCODERS, TEXT_ENCODERS, FUSIONS, WEIGHTINGS), so --help lists them and typos stop early.
 ImageEncoderName = Literal[
-    "simple_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16"
+    "simple_cnn",
+    "cnn_small",
+    "cnn_base",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
 ]
 TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
 FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
@@ -97,7 +105,9 @@ class FusionConfig:
     """Everything needed to build a `FusionModel` (and nothing about data or training)."""
 
     image_encoder: ImageEncoderName = "simple_cnn"
-    """simple_cnn, or a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, convnext_tiny, vit_b_16."""
+    """From scratch: simple_cnn (plain conv stages, `image_widths`), or the residual CNNs cnn_small / cnn_base
+    (GroupNorm, four downsampling stages); or a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0,
+    convnext_tiny, vit_b_16."""
     image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     """simple_cnn: channels of each conv stage (the number of entries is the depth)."""
     image_weights: str | None = None
