@@ -15,22 +15,30 @@ from common import best_seconds, write_result
 from mmfusion import FusionConfig, FusionModel, TaskSpec
 
 TASKS = [TaskSpec("topic", "classification", num_labels=5), TaskSpec("score", "regression")]
-ENCODERS = [("simple_cnn", 64, 32), ("resnet18", 128, 8), ("efficientnet_b0", 128, 8), ("convnext_tiny", 128, 8),
-            ("resnet50", 128, 8)]  # fmt: skip
+ENCODERS = [
+    ("simple_cnn", 64, 32),
+    ("resnet18", 128, 8),
+    ("efficientnet_b0", 128, 8),
+    ("convnext_tiny", 128, 8),
+    ("resnet50", 128, 8),
+]
 
 
 def pairs_per_s(encoder: str, size: int, batch_size: int, channels_last: bool, device: torch.device) -> dict:
     torch.manual_seed(0)
-    config = FusionConfig(image_encoder=encoder, text_encoder="lstm", fusion="concat", vocab_size=1000,
-                          image_size=size, tasks=TASKS)  # fmt: skip
+    config = FusionConfig(
+        image_encoder=encoder, text_encoder="lstm", fusion="concat", vocab_size=1000, image_size=size, tasks=TASKS
+    )
     model = FusionModel(config).to(device).use_channels_last(channels_last)
     batch = {
         "pixel_values": torch.randn(batch_size, 3, size, size, device=device),
         "input_ids": torch.randint(1, 1000, (batch_size, 24), device=device),
         "attention_mask": torch.ones(batch_size, 24, dtype=torch.long, device=device),
-        "labels": {"topic": torch.randint(0, 5, (batch_size,), device=device),
-                   "score": torch.randn(batch_size, device=device)},
-    }  # fmt: skip
+        "labels": {
+            "topic": torch.randint(0, 5, (batch_size,), device=device),
+            "score": torch.randn(batch_size, device=device),
+        },
+    }
     optimizer = torch.optim.AdamW(model.parameters())
 
     def train():
@@ -57,12 +65,22 @@ def main() -> None:
     for encoder, size, batch_size in ENCODERS:
         nchw = pairs_per_s(encoder, size, batch_size, False, device)
         nhwc = pairs_per_s(encoder, size, batch_size, True, device)
-        rows.append({"encoder": encoder, "image_size": size, "batch": batch_size, "nchw": nchw, "channels_last": nhwc,
-                     "train_ratio": nhwc["train"] / nchw["train"],
-                     "inference_ratio": nhwc["inference"] / nchw["inference"]})  # fmt: skip
-        print(f"{encoder:>16} {size} px b{batch_size}: training {nchw['train']:7.1f} -> {nhwc['train']:7.1f} pairs/s "
-              f"({rows[-1]['train_ratio']:.2f}x), inference {nchw['inference']:7.1f} -> {nhwc['inference']:7.1f} "
-              f"({rows[-1]['inference_ratio']:.2f}x)")  # fmt: skip
+        rows.append(
+            {
+                "encoder": encoder,
+                "image_size": size,
+                "batch": batch_size,
+                "nchw": nchw,
+                "channels_last": nhwc,
+                "train_ratio": nhwc["train"] / nchw["train"],
+                "inference_ratio": nhwc["inference"] / nchw["inference"],
+            }
+        )
+        print(
+            f"{encoder:>16} {size} px b{batch_size}: training {nchw['train']:7.1f} -> {nhwc['train']:7.1f} pairs/s "
+            f"({rows[-1]['train_ratio']:.2f}x), inference {nchw['inference']:7.1f} -> {nhwc['inference']:7.1f} "
+            f"({rows[-1]['inference_ratio']:.2f}x)"
+        )
     write_result("channels_last", {"rows": rows})
 
 

@@ -66,8 +66,15 @@ def train_run(args: list[str], output_dir: Path) -> dict:
     import time
 
     start = time.perf_counter()
-    command = [sys.executable, str(ROOT / "train.py"), *args, "--train.output_dir", str(output_dir),
-               "--train.report", "false"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        "--train.output_dir",
+        str(output_dir),
+        "--train.report",
+        "false",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"train.py failed ({' '.join(args)}):\n{result.stderr[-3000:]}")

@@ -19,9 +19,10 @@ from accelerate.utils import send_to_device
 from common import train_run, write_result
 
 from mmfusion.config import Config
-from mmfusion.data import model_inputs
 from mmfusion.model import FusionModel
-from mmfusion.training import build_optimizer, make_loader, prepare_data
+from mmfusion.prepare import build_splits
+from mmfusion.rows import make_loader, model_inputs
+from mmfusion.training import build_optimizer
 
 BATCH = 32
 
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="train.py steps per worker count")
     options = parser.parse_args()
     config = Config()
-    data = prepare_data(config)
+    data = build_splits(config)
     config.model.tasks = data.tasks
     worker_counts = (0, 1, 2, 4) if torch.cuda.is_available() else (0, 1, 2)
     rates = {f"loader_{w}_workers": loader_rate(data, w, options.batches) for w in worker_counts}
@@ -77,8 +78,14 @@ def main() -> None:
         print(f"{name:>20}: {rate:8.1f} pairs/s")
     verdict = min(v for k, v in rates.items() if k.startswith("loader")) / rates["model_training"]
     print(f"slowest loader / training = {verdict:.1f}x")
-    write_result("data_throughput", {"settings": {**vars(options), "batch_size": BATCH, "recipe": "default"},
-                                     "pairs_per_s": rates, "slowest_loader_over_training": verdict})  # fmt: skip
+    write_result(
+        "data_throughput",
+        {
+            "settings": {**vars(options), "batch_size": BATCH, "recipe": "default"},
+            "pairs_per_s": rates,
+            "slowest_loader_over_training": verdict,
+        },
+    )
 
 
 if __name__ == "__main__":

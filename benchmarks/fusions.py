@@ -17,9 +17,11 @@ from common import RESULTS, mean_std, train_run, write_result
 
 TASKS = {"area": "r2", "background": "macro_f1", "colors": "map", "match": "macro_f1", "tone": "macro_f1"}
 FUSIONS = ["concat", "gated", "cross_attention", "film", "bilinear", "late"]
-VARIANTS = {**{f: ["--model.fusion", f] for f in FUSIONS},
-            "image only (concat)": ["--model.fusion", "concat", "--train.ablate", "text"],
-            "text only (concat)": ["--model.fusion", "concat", "--train.ablate", "image"]}  # fmt: skip
+VARIANTS = {
+    **{f: ["--model.fusion", f] for f in FUSIONS},
+    "image only (concat)": ["--model.fusion", "concat", "--train.ablate", "text"],
+    "text only (concat)": ["--model.fusion", "concat", "--train.ablate", "image"],
+}
 
 
 def main() -> None:

@@ -40,9 +40,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        code = train.main(["--train.max_steps", str(options.steps), "--train.log_every", str(options.log_every),
-                           "--train.eval_every", far, "--train.save_every", far, "--train.report", "false",
-                           "--train.loss_weighting", options.loss_weighting, "--train.output_dir", out])  # fmt: skip
+        code = train.main(
+            [
+                "--train.max_steps",
+                str(options.steps),
+                "--train.log_every",
+                str(options.log_every),
+                "--train.eval_every",
+                far,
+                "--train.save_every",
+                far,
+                "--train.report",
+                "false",
+                "--train.loss_weighting",
+                options.loss_weighting,
+                "--train.output_dir",
+                out,
+            ]
+        )
         torch.cuda.set_sync_debug_mode("default")
     assert code == 0
     syncs = collections.Counter(

@@ -38,16 +38,26 @@ def minilm() -> str | None:
 
 
 def measure(image: str, text: str, fusion: str, size: int, batch: int = 32, length: int = 24, repeats: int = 3):
-    config = FusionConfig(image_encoder=image, image_size=size, text_encoder=text, text_model=minilm(),
-                          fusion=fusion, vocab_size=8000, tasks=TASKS)  # fmt: skip
+    config = FusionConfig(
+        image_encoder=image,
+        image_size=size,
+        text_encoder=text,
+        text_model=minilm(),
+        fusion=fusion,
+        vocab_size=8000,
+        tasks=TASKS,
+    )
     model = FusionModel(config).train()
     inputs = {
         "pixel_values": torch.randn(batch, 3, size, size),
         "input_ids": torch.randint(1, 8000, (batch, length)),
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
-        "labels": {"topic": torch.randint(0, 5, (batch,)), "tags": torch.randint(0, 2, (batch, 6)).float(),
-                   "score": torch.randn(batch)},
-    }  # fmt: skip
+        "labels": {
+            "topic": torch.randint(0, 5, (batch,)),
+            "tags": torch.randint(0, 2, (batch, 6)).float(),
+            "score": torch.randn(batch),
+        },
+    }
     times = []
     for step in range(repeats + 1):  # the first step warms up
         start = time.perf_counter()
@@ -56,11 +66,16 @@ def measure(image: str, text: str, fusion: str, size: int, batch: int = 32, leng
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     return {
-        "image_encoder": image, "text_encoder": text, "fusion": fusion, "image_size": size, "batch": batch,
-        "text_length": length, "parameters": model.num_parameters(),
+        "image_encoder": image,
+        "text_encoder": text,
+        "fusion": fusion,
+        "image_size": size,
+        "batch": batch,
+        "text_length": length,
+        "parameters": model.num_parameters(),
         "fusion_parameters": sum(p.numel() for p in model.fusion.parameters()),
         "forward_backward_s": min(times),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

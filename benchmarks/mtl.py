@@ -51,11 +51,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="*", choices=[*WEIGHTINGS, "deep_supervision"],
-                        help="multi-task variants to run (the single-task baselines always run)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=[*WEIGHTINGS, "deep_supervision"],
+        help="multi-task variants to run (the single-task baselines always run)",
+    )
     parser.add_argument("--fusion", help="another fusion than the recipe's, for every model (results get its name)")
-    parser.add_argument("--runs", type=Path, help="one line per finished run (default: results/NAME_runs.jsonl); "
-                        "runs already there are reused, so an interrupted benchmark continues")  # fmt: skip
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="one line per finished run (default: results/NAME_runs.jsonl); "
+        "runs already there are reused, so an interrupted benchmark continues",
+    )
     options = parser.parse_args()
     name = f"mtl_{options.fusion or recipe()['model']['fusion']}"
     options.runs = options.runs or RESULTS / f"{name}_runs.jsonl"
@@ -102,8 +110,10 @@ def write_summary() -> None:
     parts = {
         path.stem.removeprefix("mtl_"): json.loads(path.read_text()) for path in sorted(RESULTS.glob("mtl_*.json"))
     }
-    write_result("mtl", {"fusions": {fusion: {"settings": part["settings"], "rows": part["rows"]}
-                                     for fusion, part in parts.items()}})  # fmt: skip
+    write_result(
+        "mtl",
+        {"fusions": {fusion: {"settings": part["settings"], "rows": part["rows"]} for fusion, part in parts.items()}},
+    )
     sections = [f"## {fusion} fusion\n\n{markdown(part['rows'])}\n" for fusion, part in parts.items()]
     (RESULTS / "mtl.md").write_text("\n".join(sections))
 
@@ -140,12 +150,13 @@ def summarise(results: dict[str, list[dict]], seeds: list[int]) -> dict:
 
 def markdown(rows: dict) -> str:
     header = [f"{t} ({m})" for t, m in PRIMARY.items()] + ["delta-m (%)", "delta-m w/o match (%)", "s/step (median)"]
-    lines = ["| model | " + " | ".join(header) + " |",
-             "|" + " --- |" * (len(PRIMARY) + 4)]  # fmt: skip
+    lines = ["| model | " + " | ".join(header) + " |", "|" + " --- |" * (len(PRIMARY) + 4)]
     for name, row in rows.items():
         cells = [f"{row[t][0]:.3f} ± {row[t][1]:.3f}" if row[t] else "" for t in PRIMARY]
-        deltas = [f"{row[k][0]:+.2f} ± {row[k][1]:.2f}" if k in row else "(baseline)"
-                  for k in ("delta_m", "delta_m_without_match")]  # fmt: skip
+        deltas = [
+            f"{row[k][0]:+.2f} ± {row[k][1]:.2f}" if k in row else "(baseline)"
+            for k in ("delta_m", "delta_m_without_match")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells + deltas) + f" | {row['s_per_step']:.3f} |")
     return "\n".join(lines)
 

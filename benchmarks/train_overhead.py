@@ -23,10 +23,12 @@ from common import ROOT, write_result
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mmfusion.config import parse_args  # noqa: E402
 from mmfusion.data import model_inputs  # noqa: E402
 from mmfusion.model import FusionModel  # noqa: E402
-from mmfusion.training import build_optimizer, make_loader, prepare_data, set_cpu_threads  # noqa: E402
+from mmfusion.options import parse_args  # noqa: E402
+from mmfusion.prepare import build_splits  # noqa: E402
+from mmfusion.rows import make_loader  # noqa: E402
+from mmfusion.training import build_optimizer, set_cpu_threads  # noqa: E402
 
 WARMUP = 20
 BATCH = 32
@@ -41,7 +43,7 @@ def plain_loop(steps: int) -> float:
     """The loop a user would write: forward, loss.backward(), clip, AdamW step. Returns pairs/s."""
     config = parse_args([])  # the default recipe, as train.py resolves it
     torch.manual_seed(0)
-    data = prepare_data(config)
+    data = build_splits(config)
     config.model.tasks = data.tasks
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = FusionModel(config.model).to(device).train()
@@ -75,10 +77,28 @@ def mmfusion_loop(steps: int) -> float:
     GradientState._reset_state()
     PartialState._reset_state()
     with tempfile.TemporaryDirectory() as out:
-        code = train.main(["--train.loss_weighting", "sum", "--train.max_steps", str(steps),
-                           "--train.eval_every", str(10 * steps), "--train.save_every", str(10 * steps),
-                           "--train.log_every", "10", "--train.report", "false", "--data.num_workers", "0",
-                           "--train.batch_size", str(BATCH), "--train.output_dir", out])  # fmt: skip
+        code = train.main(
+            [
+                "--train.loss_weighting",
+                "sum",
+                "--train.max_steps",
+                str(steps),
+                "--train.eval_every",
+                str(10 * steps),
+                "--train.save_every",
+                str(10 * steps),
+                "--train.log_every",
+                "10",
+                "--train.report",
+                "false",
+                "--data.num_workers",
+                "0",
+                "--train.batch_size",
+                str(BATCH),
+                "--train.output_dir",
+                out,
+            ]
+        )
         assert code == 0
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["elapsed_s"] for r in records if r["split"] == "train"}
@@ -100,9 +120,20 @@ def main() -> None:
         print(f"plain {plain[-1]:.1f} pairs/s, mmfusion {ours[-1]:.1f} pairs/s")
     ratio = max(ours) / max(plain)  # best of each: this shared VM's noise only ever slows a run down
     print(f"ratio (mmfusion / plain) = {ratio:.3f}")
-    write_result("train_overhead", {"settings": {**vars(options), "batch_size": BATCH, "warmup_steps": WARMUP,
-                 "recipe": "default (configs/default.yaml)"}, "plain_pairs_per_s": plain,
-                 "mmfusion_pairs_per_s": ours, "ratio": ratio})  # fmt: skip
+    write_result(
+        "train_overhead",
+        {
+            "settings": {
+                **vars(options),
+                "batch_size": BATCH,
+                "warmup_steps": WARMUP,
+                "recipe": "default (configs/default.yaml)",
+            },
+            "plain_pairs_per_s": plain,
+            "mmfusion_pairs_per_s": ours,
+            "ratio": ratio,
+        },
+    )
 
 
 if __name__ == "__main__":

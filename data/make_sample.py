@@ -372,8 +372,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     for split in SPLITS:
         parser.add_argument(f"--{split}", type=int, default=DEFAULT_SIZES[split], help=f"rows in the {split} split")
-    parser.add_argument("--mismatch", nargs="+", choices=PERTURBABLE, default=list(DEFAULT_MISMATCH),
-                        help="attributes a false caption may get wrong (default: color)")  # fmt: skip
+    parser.add_argument(
+        "--mismatch",
+        nargs="+",
+        choices=PERTURBABLE,
+        default=list(DEFAULT_MISMATCH),
+        help="attributes a false caption may get wrong (default: color)",
+    )
     return parser.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ and exits with code 2.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -21,28 +22,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import tyro
-from accelerate import Accelerator
 
-from .config import Config, DataConfig, FusionConfig, TaskSpec, check_values
-from .data import (
-    SPLIT_ALIASES,
-    FusionDataset,
-    FusionStream,
-    RowReader,
-    SkipReport,
-    check_columns,
-    check_split,
-    load_dataset,
-)
+from .config import Config, DataConfig, FusionConfig, TaskSpec
+from .data import SPLIT_ALIASES
 from .errors import BadInputError, DataError, InputError
-from .evaluation import MODALITY_ABLATIONS, evaluate
+from .evaluation import MODALITY_CONDITIONS, evaluate
+from .files import write_text
 from .hub import resolve_checkpoint
-from .metrics import PRIMARY_METRIC, MultiTaskMetrics
-from .model import CONFIG_NAME, FusionModel
+from .metrics import PRIMARY_METRIC
+from .model import MODEL_CONFIG_NAME, FusionModel
+from .options import check_values
 from .predictor import Predictor, label_names
-from .processing import FusionProcessor
+from .prepare import load_split
+from .processing import FusionProcessor, ProcessorSettings
 from .report import Report
-from .training import loader_workers, make_loader
+from .rows import SkipReport, loader_workers, make_loader
+from .runlog import RUN_CONFIG_NAME, best_record, describe_model, metrics_line, read_history, read_run_config
 
 Checkpoint = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
 SHOWN_SCORES = 10  # classes listed per task in a human-readable prediction
@@ -67,39 +62,54 @@ class Evaluate:
     modalities: bool = False
     """Also evaluate with the image removed and with the text removed (the modality-contribution table)."""
 
+    given: tyro.conf.Suppress[frozenset[str]] = frozenset()
+    """The options given on the command line (set by `main`): they override the checkpoint's data settings."""
+
     def run(self) -> int:
+        from accelerate import Accelerator
+
         problems = check_values(Config(data=self.data)) + _positive("--batch_size", self.batch_size)
         if problems:
             raise InputError("; ".join(problems))
         checkpoint = resolve_checkpoint(self.checkpoint)
         model = FusionModel.from_pretrained(checkpoint)
         processor = FusionProcessor.from_pretrained(checkpoint)
+        data = checkpoint_data_config(self.data, processor.settings, self.given)
         tasks = model.config.tasks
         split = SPLIT_ALIASES.get(self.split, self.split)
-        dataset, report = load_split(self.data, split, processor, tasks)
+        dataset, report = load_split(data, split, processor, tasks)
         accelerator = Accelerator()
-        workers = loader_workers(self.data, accelerator)
-        loader = make_loader(dataset, self.batch_size, processor.settings.pad_id, False, workers)
-        results = MultiTaskMetrics(tasks)
+        loader = make_loader(
+            dataset, self.batch_size, processor.settings.pad_id, False, loader_workers(data, accelerator)
+        )
         model, loader = accelerator.prepare(model, loader)
-        metrics = evaluate(model, loader, accelerator, tasks, metrics=results)
-        matrices = results.confusion_matrices()
-        ablations = {}
-        if self.modalities:
-            for modality in MODALITY_ABLATIONS:
-                ablations[f"without_{modality}"] = evaluate(model, loader, accelerator, tasks, remove=modality)
+        conditions = MODALITY_CONDITIONS if self.modalities else ("both",)
+        results = evaluate(model, loader, accelerator, tasks, conditions)
+        metrics = {condition: results[condition].compute() for condition in conditions}
+        matrices = results["both"].confusion_matrices()
         if not accelerator.is_main_process:
             return 0
-        print(f"{checkpoint} on the {split} split of {self.data.path}: {report.summary()}\n")
-        print(format_metrics(metrics, tasks, matrices))
-        if ablations:
-            print("\n" + format_contributions({"both": metrics, **ablations}, tasks))
+        print(f"{checkpoint} on the {split} split of {data.path}: {report.summary()}\n")
+        print(format_metrics(metrics["both"], tasks, matrices))
+        if self.modalities:
+            print("\n" + format_contributions(metrics, tasks))
         if self.output:
-            record = evaluation_record(str(checkpoint), split, metrics, tasks, matrices, report)
-            record.update(ablations)
+            record = evaluation_record(str(checkpoint), split, metrics["both"], tasks, matrices, report)
+            record.update({condition: values for condition, values in metrics.items() if condition != "both"})
             write_text(Path(self.output), json.dumps(record, indent=2) + "\n")
             print(f"\nwrote {self.output}")
         return 0
+
+
+def checkpoint_data_config(data: DataConfig, settings: ProcessorSettings, given: frozenset[str]) -> DataConfig:
+    """The data options as the checkpoint was trained with them (its column names, image root and missing-modality
+    policy), except those given on the command line."""
+    remembered = {
+        name: getattr(settings, name)
+        for name in ("image_column", "text_column", "image_root", "missing_modality")
+        if f"--data.{name}" not in given
+    }
+    return dataclasses.replace(data, **remembered)
 
 
 def format_contributions(table: dict[str, dict], tasks: list[TaskSpec]) -> str:
@@ -115,24 +125,6 @@ def format_contributions(table: dict[str, dict], tasks: list[TaskSpec]) -> str:
 
 def _positive(option: str, value: int) -> list[str]:
     return [] if value > 0 else [f"{option} must be > 0, got {value}"]
-
-
-def load_split(data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec]):
-    """The checked rows of one split (bad rows raise or are skipped per --data.on_error) and the skip report.
-
-    Labels are encoded with the checkpoint's label maps, so a label the model never saw is a bad row."""
-    loaded = load_dataset(data.path, data, for_training=False)
-    if split not in loaded.splits:
-        raise DataError(f"{data.path}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)")
-    rows = loaded.splits[split]
-    check_columns(rows, split, tasks, data)
-    reader = RowReader(processor, tasks, data, loaded.roots[split], split, data.missing_modality == "placeholder")
-    if loaded.streaming:
-        stream = FusionStream(rows, reader, data.on_error)
-        return stream, stream.report
-    report = SkipReport()
-    rows = check_split(rows, split, reader, report, data.on_error, data.verify_images)
-    return FusionDataset(rows, reader), report
 
 
 def format_metrics(metrics: dict, tasks: list[TaskSpec], matrices: dict[str, list[list[int]]]) -> str:
@@ -160,8 +152,9 @@ def format_matrix(labels: list[str], matrix: list[list[int]]) -> list[str]:
     return [header, *rows]
 
 
-def evaluation_record(checkpoint: str, split: str, metrics: dict, tasks: list[TaskSpec], matrices: dict,
-                      report: SkipReport) -> dict:  # fmt: skip
+def evaluation_record(
+    checkpoint: str, split: str, metrics: dict, tasks: list[TaskSpec], matrices: dict, report: SkipReport
+) -> dict:
     """What --output holds: metrics, labelled confusion matrices, skipped rows by reason, checkpoint and split."""
     names = {spec.name: label_names(spec) for spec in tasks}
     return {
@@ -176,11 +169,6 @@ def evaluation_record(checkpoint: str, split: str, metrics: dict, tasks: list[Ta
         },
         "truncated_texts": sum(report.truncated.values()),
     }
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ----- predict -----
@@ -202,10 +190,10 @@ class Predict:
     """A .jsonl or .csv file of rows to predict; image paths are relative to its directory."""
     output: Annotated[str | None, tyro.conf.arg(metavar="FILE")] = None
     """Where the predictions of --input go, one JSON line per row; None: standard output."""
-    image_column: str = "image"
-    """--input column with the image path (empty or null: no image)."""
-    text_column: str = "caption"
-    """--input column with the text (empty or null: no text)."""
+    image_column: str | None = None
+    """--input column with the image path (empty or null: no image); default: the checkpoint's training column."""
+    text_column: str | None = None
+    """--input column with the text (empty or null: no text); default: the checkpoint's training column."""
     batch_size: int = 64
     """Rows per batch."""
 
@@ -222,9 +210,11 @@ class Predict:
             print(json.dumps(prediction, indent=2) if self.json else format_prediction(prediction, predictor.tasks))
             return 0
         path = Path(self.input)
-        rows = read_rows(path, [self.image_column, self.text_column])
-        images = [row.get(self.image_column) for row in rows]
-        texts = [row.get(self.text_column) for row in rows]
+        settings = predictor.processor.settings
+        image_column, text_column = self.image_column or settings.image_column, self.text_column or settings.text_column
+        rows = read_rows(path, [image_column, text_column])
+        images = [row.get(image_column) for row in rows]
+        texts = [row.get(text_column) for row in rows]
         try:
             predictions = predictor.predict(images, texts, image_root=path.parent, progress=True)
         except BadInputError as error:
@@ -310,7 +300,7 @@ class Inspect:
         checkpoint = resolve_checkpoint(self.checkpoint)
         model = FusionModel.from_pretrained(checkpoint)
         processor = FusionProcessor.from_pretrained(checkpoint)
-        version = json.loads((checkpoint / CONFIG_NAME).read_text()).get("mmfusion_version", "?")
+        version = json.loads((checkpoint / MODEL_CONFIG_NAME).read_text()).get("mmfusion_version", "?")
         print(f"checkpoint {checkpoint} (mmfusion {version})\n")
         print("\n".join(describe_architecture(model.config, processor)) + "\n")
         print("\n".join(describe_tasks(model.config.tasks)) + "\n")
@@ -322,25 +312,14 @@ class Inspect:
 
 
 def describe_architecture(config: FusionConfig, processor: FusionProcessor) -> list[str]:
-    """One line each for the image encoder, the text encoder (with its tokenizer) and the fusion."""
-    image = config.image_encoder
-    if image == "simple_cnn":
-        image += f" (widths {config.image_widths})"
-    if config.image_weights:
-        image += f", weights from {config.image_weights}"
-    if config.text_encoder == "hf":
-        text = f"hf {config.text_model} ({config.text_pooling} pooling)"
-    else:
-        direction = ", bidirectional" if config.bidirectional and config.text_encoder in ("lstm", "gru") else ""
-        text = f"{config.text_encoder} (dim {config.text_dim}, layers {config.text_layers}{direction})"
-    frozen = {True: ", frozen", False: ""}
+    """The model's parts (runlog.describe_model) with what the processor adds: input size, vocabulary, text length."""
     settings = processor.settings
-    return [
-        f"image encoder  {image}, {settings.image_size}x{settings.image_size} input{frozen[config.freeze_image]}",
-        f"text encoder   {text}, vocabulary {processor.vocab_size}, up to {settings.max_text_length} tokens"
-        f"{frozen[config.freeze_text]}",
-        f"fusion         {config.fusion} (dim {config.dim}, layers {config.fusion_layers}, dropout {config.dropout})",
-    ]
+    inputs = {
+        "image encoder": f", {settings.image_size}x{settings.image_size} input",
+        "text encoder": f", vocabulary {processor.vocab_size}, up to {settings.max_text_length} tokens",
+    }
+    parts = [(part, text) for part, text in describe_model(config) if part != "tasks"]
+    return [f"{part:<14} {text}{inputs.get(part, '')}" for part, text in parts]
 
 
 def describe_tasks(tasks: list[TaskSpec]) -> list[str]:
@@ -377,44 +356,25 @@ def parameter_table(model: FusionModel) -> list[str]:
 
 def describe_run(run_dir: Path) -> list[str]:
     """The training run's last logged losses, last and best validation, and test metrics, when its files are there."""
-    lines = []
-    records = _jsonl_records(run_dir / "metrics.jsonl")
-    train = [r for r in records if r.get("split") == "train"]
-    validation = [r for r in records if r.get("split") == "validation" and "summary" in r]
-    if train:
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in train[-1].get("losses", {}).items())
-        lines.append(f"  last training log (step {train[-1].get('step')}): {losses}")
-    if validation:
-        best = max(validation, key=lambda r: r["summary"])
-        lines.append(f"  last validation (step {validation[-1].get('step')}): {metrics_line(validation[-1])}")
-        lines.append(f"  best validation summary (step {best.get('step')}): {metrics_line(best)}")
-    test_file = run_dir / "test_metrics.json"
-    if test_file.is_file():
-        lines.append(f"  test (best checkpoint): {metrics_line(json.loads(test_file.read_text()))}")
-    return [f"training run {run_dir}", *lines] if lines else []
-
-
-def _jsonl_records(path: Path) -> list[dict]:
-    """The JSON objects of a metrics.jsonl file; a line cut short by a crash is left out."""
-    if not path.is_file():
+    try:
+        history = read_history(run_dir)
+    except InputError:
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [record for record in records if isinstance(record, dict)]
-
-
-def metrics_line(metrics: dict) -> str:
-    """`summary S | task: metric v, ...` on one line."""
-    parts = [f"summary {metrics['summary']:.4f}"] if "summary" in metrics else []
-    for task, values in metrics.items():
-        if isinstance(values, dict) and "count" in values:
-            shown = [f"{k} {v:.4f}" for k, v in values.items() if k != "count" and isinstance(v, float)]
-            parts.append(f"{task}: {', '.join(shown) or 'no labels'}")
-    return " | ".join(parts)
+    best_metric = read_run_config(run_dir).train.best_metric if (run_dir / RUN_CONFIG_NAME).is_file() else "summary"
+    lines = []
+    if history.train:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in history.train[-1].get("losses", {}).items())
+        lines.append(f"  last training log (step {history.train[-1]['step']}): {losses}")
+    if history.validation:
+        best = best_record(history.validation, best_metric)
+        lines.append(
+            f"  last validation (step {history.validation[-1]['step']}): {metrics_line(history.validation[-1])}"
+        )
+        if best:
+            lines.append(f"  best validation {best_metric} (step {best['step']}): {metrics_line(best)}")
+    if history.test:
+        lines.append(f"  test (best checkpoint): {metrics_line(history.test)}")
+    return [f"training run {run_dir}", *lines] if lines else []
 
 
 # ----- entry point -----
@@ -424,9 +384,12 @@ COMMANDS = {"evaluate": Evaluate, "predict": Predict, "inspect": Inspect, "repor
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the subcommand and its options (bad ones exit 2 with tyro's message), run it, report input errors."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     command = tyro.extras.subcommand_cli_from_dict(
         COMMANDS, prog="mmfusion", description=__doc__, args=argv, use_underscores=True
     )
+    if isinstance(command, Evaluate):
+        command.given = frozenset(arg.split("=", 1)[0] for arg in argv if arg.startswith("--"))
     name = next(name for name, cls in COMMANDS.items() if isinstance(command, cls))
     try:
         return command.run()

@@ -1,22 +1,19 @@
 """Typed configuration: the model (`FusionConfig`), its tasks (`TaskSpec`), data and training options.
 
-One tree of dataclasses, `Config`, that loads from YAML and takes dotted command-line overrides
-(`--model.fusion gated`); the attribute docstrings below are the `--help` text.
+One tree of dataclasses, `Config`; the attribute docstrings below are the `--help` text. `from_dict` builds
+them from plain values naming any bad key; options.py reads YAML files and command lines into them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import tyro
-import yaml
 
 TaskType = Literal["classification", "multilabel", "regression", "matching"]
 # The registries' names (IMAGE_ENCODERS, TEXT_ENCODERS, FUSIONS, WEIGHTINGS), so --help lists them and typos stop early.
@@ -150,8 +147,9 @@ class FusionConfig:
     """bilinear: rank of the low-rank factorisation."""
     dropout: float = 0.1
     """Dropout in fusion layers and heads."""
-    tasks: list[TaskSpec] = field(default_factory=list)
-    """The tasks the model predicts (filled from the top-level `tasks` when training)."""
+    tasks: tyro.conf.Suppress[list[TaskSpec]] = field(default_factory=list)
+    """The tasks the model predicts. In a run configuration they are given at the top level (`tasks:`), and the
+    trainer builds the model with them (`Config.model_config()`)."""
     text_model_config: tyro.conf.Suppress[dict[str, Any] | None] = None
     """hf: the transformers config, stored so a checkpoint rebuilds without the original model files."""
 
@@ -232,9 +230,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl, checkpoints/, best/ and final/ go."""
     epochs: int = 3
-    """Passes over the training data (ignored when max_steps > 0)."""
+    """Passes over the training data (ignored when max_steps > 0 or with a time_limit)."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0: use epochs)."""
+    """Stop after this many optimizer steps (0: use epochs); with a time_limit, at most this many."""
+    time_limit: float = 0.0
+    """Seconds for the whole run, start-up to report (0: no limit). After a short measured warm-up the number of
+    steps is planned to fit, so the learning-rate schedule still anneals; best/ and final/ are saved in time."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better best_metric (0: never stop early)."""
     batch_size: int = 32
     """Batch size per process."""
     eval_batch_size: int = 128
@@ -255,7 +258,7 @@ class TrainConfig:
     """Gradient clipping norm (0: no clipping)."""
     loss_weighting: WeightingName = "sum"
     """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
-    ablate: Literal["none", "image", "text"] = "none"
+    without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
     """Deep-supervision weights over training: constant, or decaying to zero by the last step."""
@@ -301,6 +304,16 @@ class Config:
     tasks: list[TaskSpec] = field(default_factory=list)
     """Tasks; inferred from the training split's columns when empty."""
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.tasks:  # a run configuration holds one task list, at the top level
+            if self.tasks and self.tasks != self.model.tasks:
+                raise ValueError("tasks are given twice (tasks and model.tasks); give them once, under tasks")
+            self.tasks, self.model = self.model.tasks, dataclasses.replace(self.model, tasks=[])
+
+    def model_config(self) -> FusionConfig:
+        """The model this run builds: `model` with the run's tasks."""
+        return dataclasses.replace(self.model, tasks=list(self.tasks))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -353,114 +366,3 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint in (int, str, bool) and (type(value) is hint):
         return value
     raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def load_yaml(path: str | Path) -> Config:
-    """Read a YAML config file into a `Config`, naming the file and key of anything invalid."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    values.pop("config", None)
-    return from_dict(Config, values, where=str(path))
-
-
-def save_yaml(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-
-
-def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
-    """`--config file.yaml` (optional) then dotted overrides such as `--model.fusion gated`; exits 2 on errors."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    base = Config()
-    path = _option_value(argv, "--config")
-    if path is None and _option_value(argv, "--data.path") is None and DEFAULT_RECIPE.is_file():
-        path = str(DEFAULT_RECIPE)
-    if path is not None:
-        try:
-            base = load_yaml(path)
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"{prog}: error: {error}") from None
-        base.config = path
-    config = tyro.cli(
-        Config,
-        default=base,
-        args=_normalise_booleans(argv),
-        prog=prog,
-        use_underscores=True,
-        config=(tyro.conf.FlagConversionOff,),
-    )
-    problems = check_values(config)
-    if problems:
-        raise SystemExit(f"{prog}: error: " + "; ".join(problems))
-    return config
-
-
-BOOLEAN_WORDS = {"true": "True", "yes": "True", "1": "True", "false": "False", "no": "False", "0": "False"}
-
-
-def _boolean_options(cls: type = Config, prefix: str = "--") -> set[str]:
-    options = set()
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if hint is bool:
-            options.add(prefix + f.name)
-        elif dataclasses.is_dataclass(hint):
-            options |= _boolean_options(hint, f"{prefix}{f.name}.")
-    return options
-
-
-def _normalise_booleans(argv: list[str]) -> list[str]:
-    """Accept `--data.augment false` (any case, yes/no, 1/0) as well as tyro's `False`."""
-    booleans = _boolean_options()
-    return [BOOLEAN_WORDS.get(arg.lower(), arg) if i and argv[i - 1] in booleans else arg for i, arg in enumerate(argv)]
-
-
-def _option_value(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def check_values(config: Config) -> list[str]:
-    """Values that parse but make no sense, each named by its option."""
-    train, data, model = config.train, config.data, config.model
-    rules = [
-        (train.batch_size > 0, f"--train.batch_size must be > 0, got {train.batch_size}"),
-        (train.eval_batch_size > 0, f"--train.eval_batch_size must be > 0, got {train.eval_batch_size}"),
-        (train.lr > 0, f"--train.lr must be > 0, got {train.lr}"),
-        (train.encoder_lr >= 0, f"--train.encoder_lr must be >= 0, got {train.encoder_lr}"),
-        (train.epochs > 0 or train.max_steps > 0, "--train.epochs or --train.max_steps must be > 0"),
-        (train.max_steps >= 0, f"--train.max_steps must be >= 0, got {train.max_steps}"),
-        (train.grad_accumulation >= 1, f"--train.grad_accumulation must be >= 1, got {train.grad_accumulation}"),
-        (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),
-        (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
-        (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
-        (
-            train.freeze_encoders_steps >= 0,
-            f"--train.freeze_encoders_steps must be >= 0, got {train.freeze_encoders_steps}",
-        ),
-        (train.log_every >= 1, f"--train.log_every must be >= 1, got {train.log_every}"),
-        (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
-        (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
-        (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
-        (data.num_workers is None or data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
-        (
-            not (data.streaming and data.num_workers),
-            "--data.num_workers must be 0 with --data.streaming true: a stream is read in the main process, "
-            "where its row numbers and skipped-row counts are kept",
-        ),
-        (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
-        (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
-        (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
-    ]
-    return [message for ok, message in rules if not ok]

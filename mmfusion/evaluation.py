@@ -1,15 +1,29 @@
-"""One evaluation pass: model outputs gathered across processes (no duplicates at an uneven end), then metrics."""
+"""The one evaluation pass: a model over a loader, under one or more modality conditions (both inputs, without the
+image, without the text, without both), outputs gathered across processes (no duplicates at an uneven end), then
+each task's metrics. Training, `mmfusion evaluate`, the Python API and the report all call `evaluate`.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from .config import TaskSpec
-from .data import model_inputs
 from .metrics import MultiTaskMetrics
 from .model import FusionOutput
+from .rows import model_inputs
 
-MODALITY_ABLATIONS = ("image", "text")
+CONDITIONS: dict[str, tuple[str, ...]] = {
+    "both": (),
+    "without_image": ("image",),
+    "without_text": ("text",),
+    "without_both": ("image", "text"),
+}
+"""Condition name -> the modalities removed (replaced by the model's learned placeholders)."""
+
+MODALITY_CONDITIONS = ("both", "without_image", "without_text")
+"""The modality-contribution table of `mmfusion evaluate --modalities`."""
 
 
 def metric_inputs(spec: TaskSpec, output: FusionOutput) -> torch.Tensor:
@@ -21,32 +35,26 @@ def metric_inputs(spec: TaskSpec, output: FusionOutput) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model,
-    loader,
-    accelerator,
-    tasks: list[TaskSpec],
-    remove: str | None = None,
-    metrics: MultiTaskMetrics | None = None,
-) -> dict:
-    """Metrics of every task over `loader`; `remove="image"|"text"` evaluates with that modality absent.
-    Pass `metrics` to read more from it afterwards (confusion matrices)."""
+    model, loader, accelerator, tasks: list[TaskSpec], conditions: tuple[str, ...] = ("both",)
+) -> dict[str, MultiTaskMetrics]:
+    """Each condition's metrics over one pass of `loader` (the model runs once per condition and batch); read them
+    with `.compute()` and `.confusion_matrices()`. With `accelerator=None` this process evaluates alone: no
+    gathering, no autocast, batches moved to the model's device."""
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(f"unknown evaluation conditions {unknown}; choose from {list(CONDITIONS)}")
     was_training = model.training
     model.eval()
-    metrics = metrics or MultiTaskMetrics(tasks)
+    results = {condition: MultiTaskMetrics(tasks) for condition in conditions}
+    device = next(model.parameters()).device
     for batch in loader:
-        inputs = model_inputs(batch, remove)
-        with accelerator.autocast():
-            output = model(**inputs)
-        outputs = {spec.name: metric_inputs(spec, output).float() for spec in tasks}
-        outputs, labels, masks = accelerator.gather_for_metrics((outputs, batch["labels"], batch["label_mask"]))
-        metrics.update(outputs, labels, masks)
+        if accelerator is None:
+            batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        for condition, metrics in results.items():
+            with accelerator.autocast() if accelerator else contextlib.nullcontext():
+                output = model(**model_inputs(batch, CONDITIONS[condition]))
+            outputs = {spec.name: metric_inputs(spec, output).float() for spec in tasks}
+            found = (outputs, batch["labels"], batch["label_mask"])
+            metrics.update(*(accelerator.gather_for_metrics(found) if accelerator else found))
     model.train(was_training)
-    return metrics.compute()
-
-
-def modality_contributions(model, loader, accelerator, tasks: list[TaskSpec]) -> dict:
-    """Each task's metrics with both modalities, with the image removed and with the text removed."""
-    table = {"both": evaluate(model, loader, accelerator, tasks)}
-    for modality in MODALITY_ABLATIONS:
-        table[f"without_{modality}"] = evaluate(model, loader, accelerator, tasks, remove=modality)
-    return table
+    return results

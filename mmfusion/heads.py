@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TaskSpec
+from .config import FusionConfig, TaskSpec
 
 
 class TaskHead(nn.Module):
@@ -28,6 +28,10 @@ class TaskHead(nn.Module):
         self.output = nn.Linear(dim, spec.out_features)
         self.squeeze = spec.type == "regression"
 
+    @classmethod
+    def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> TaskHead:
+        return cls(spec, config.dim, config.dropout)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.drop(self.tower(features)))
         return logits.squeeze(-1) if self.squeeze else logits
@@ -41,6 +45,10 @@ class MatchingHead(nn.Module):
         self.image = nn.Linear(image_dim, dim)
         self.text = nn.Linear(text_dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @classmethod
+    def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> MatchingHead:
+        return cls(in_dims["image"], in_dims["text"], config.dim)
 
     def embed(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.image(image), dim=-1), F.normalize(self.text(text), dim=-1)
@@ -56,9 +64,7 @@ class MatchingHead(nn.Module):
 HEADS = {"classification": TaskHead, "multilabel": TaskHead, "regression": TaskHead, "matching": MatchingHead}
 
 
-def build_head(spec: TaskSpec, dim: int, in_dims: dict[str, int], dropout: float) -> nn.Module:
+def build_head(spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> nn.Module:
     if spec.type not in HEADS:
         raise ValueError(f"task {spec.name!r}: unknown type {spec.type!r}; choose from {sorted(HEADS)}")
-    if spec.type == "matching":
-        return MatchingHead(in_dims["image"], in_dims["text"], dim)
-    return TaskHead(spec, dim, dropout)
+    return HEADS[spec.type].from_config(spec, config, in_dims)

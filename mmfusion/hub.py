@@ -11,10 +11,10 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 
 from .errors import CheckpointError
-from .model import CONFIG_NAME, WEIGHTS_NAME
+from .model import MODEL_CONFIG_NAME, WEIGHTS_NAME
 from .processing import PROCESSOR_NAME, TOKENIZER_NAME
 
-CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_NAME, TOKENIZER_NAME, "README.md"]
+CHECKPOINT_FILES = [MODEL_CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_NAME, TOKENIZER_NAME, "README.md"]
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:

@@ -6,11 +6,10 @@ A checkpoint directory holds `config.json` (the model config with its task specs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from . import __version__
 from .config import FusionConfig, TaskSpec
 from .errors import CheckpointError
+from .files import atomic_directory
 from .fusions import FusedOutput, build_fusion
 from .heads import build_head
 from .image_encoders import build_image_encoder
@@ -29,7 +29,7 @@ from .layers import EncoderOutput
 from .losses import default_label_mask, task_loss
 from .text_encoders import build_text_encoder
 
-CONFIG_NAME = "config.json"
+MODEL_CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -60,10 +60,10 @@ class FusionModel(nn.Module):
         self.aux_heads = nn.ModuleDict()  # deep supervision: task -> {depth: head}, used in training only
         for spec in config.tasks:
             depths = self.config.task_depths(spec)
-            self.heads[spec.name] = build_head(spec, config.dim, in_dims, config.dropout)
+            self.heads[spec.name] = build_head(spec, config, in_dims)
             if spec.type != "matching" and len(depths) > 1:
                 self.aux_heads[spec.name] = nn.ModuleDict(
-                    {str(d): build_head(spec, config.dim, in_dims, config.dropout) for d in depths[:-1]}
+                    {str(d): build_head(spec, config, in_dims) for d in depths[:-1]}
                 )
         self.aux_scale = 1.0  # multiplies every deep-supervision weight; the trainer may schedule it
         self.channels_last = False  # see use_channels_last
@@ -187,7 +187,7 @@ class FusionModel(nn.Module):
         directory = Path(directory)
         with atomic_directory(directory) as staging:
             config = {"mmfusion_version": __version__, "architecture": "FusionModel", **self.config.to_dict()}
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            (staging / MODEL_CONFIG_NAME).write_text(json.dumps(config, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "mmfusion_version": __version__})
         return directory
@@ -199,19 +199,22 @@ class FusionModel(nn.Module):
         from .hub import resolve_checkpoint
 
         directory = resolve_checkpoint(str(directory))
-        model = cls(read_config(directory))
+        model = cls(read_model_config(directory))
         state = without_unread_readouts(read_weights(directory), model.state_dict())
         problems = state_dict_mismatch(model.state_dict(), state)
         if problems:
-            raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {problems}")
+            raise CheckpointError(
+                f"{directory / WEIGHTS_NAME} does not match {directory / MODEL_CONFIG_NAME}: {problems}"
+            )
         model.load_state_dict(state)
         return model
 
 
-def read_config(directory: Path) -> FusionConfig:
+def read_model_config(directory: Path) -> FusionConfig:
+    """The FusionConfig of a checkpoint directory (its config.json), checked."""
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
-    path = directory / CONFIG_NAME
+    path = directory / MODEL_CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"not an mmfusion checkpoint: {path} is missing")
     try:
@@ -259,63 +262,39 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torc
     return "; ".join(parts)
 
 
-class atomic_directory:
-    """Context manager yielding a staging directory that replaces `target` only when the block succeeds."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.target.is_dir():
-            raise NotADirectoryError(f"cannot write a checkpoint to {self.target}: it exists and is a file")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):  # left by a crash mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.staging
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        if error_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        os.chmod(self.staging, 0o755)
-        for path in self.staging.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.rename(self.target, old)
-        os.rename(self.staging, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _head_task(key: str) -> str | None:
     """The task whose head owns state-dict entry `key` (None for encoders, fusion, placeholders)."""
     parts = key.split(".")
     return parts[1] if parts[0] in ("heads", "aux_heads") else None
 
 
+def _same_task(new: TaskSpec, old: TaskSpec | None) -> bool:
+    """Whether a checkpoint's head for `old` can serve `new` (same type, labels and tower)."""
+    return old is not None and (old.type, old.labels, old.hidden_layers) == (new.type, new.labels, new.hidden_layers)
+
+
+def reuse_tasks(tasks: list[TaskSpec], source: list[TaskSpec]) -> list[TaskSpec]:
+    """`tasks` as a model starting from a checkpoint with `source` tasks builds them: a regression task whose head
+    is reused keeps the checkpoint's target statistics, so the head's standardised outputs keep their meaning."""
+    old = {spec.name: spec for spec in source}
+    return [
+        dataclasses.replace(spec, target_mean=old[spec.name].target_mean, target_std=old[spec.name].target_std)
+        if spec.type == "regression" and _same_task(spec, old.get(spec.name))
+        else spec
+        for spec in tasks
+    ]
+
+
 def load_compatible(model: FusionModel, directory: Path) -> str:
     """Start `model` from a checkpoint: encoders, fusion and the heads of tasks whose type and labels are unchanged.
 
-    New or changed tasks keep fresh heads; tasks only in the checkpoint are dropped. A kept regression task keeps the
-    checkpoint's target statistics, so its head's standardised outputs keep their meaning. Returns a report.
+    New or changed tasks keep fresh heads; tasks only in the checkpoint are dropped. Returns a report.
     """
-    source = read_config(directory)
+    source = read_model_config(directory)
     state = read_weights(directory)
     old_tasks = {spec.name: spec for spec in source.tasks}
-    kept, changed = [], []
-    for spec in model.config.tasks:
-        old = old_tasks.get(spec.name)
-        same = old is not None and (old.type, old.labels, old.hidden_layers) == (
-            spec.type,
-            spec.labels,
-            spec.hidden_layers,
-        )
-        if same and spec.type == "regression":
-            spec.target_mean, spec.target_std = old.target_mean, old.target_std
-        (kept if same else changed).append(spec.name)
+    kept = [spec.name for spec in model.config.tasks if _same_task(spec, old_tasks.get(spec.name))]
+    changed = [spec.name for spec in model.config.tasks if spec.name not in kept]
     target = model.state_dict()
     loadable = {
         key: tensor

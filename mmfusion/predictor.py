@@ -21,11 +21,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import DataConfig, TaskSpec
-from .data import Collator, RowReader, model_inputs
 from .errors import BadInputError
 from .hub import resolve_checkpoint
 from .model import FusionModel, FusionOutput
 from .processing import FusionProcessor
+from .rows import Collator, RowReader, model_inputs
 
 ImageInput = Image.Image | str | os.PathLike | None
 IMAGE, TEXT = "image", "text"  # the column names of the rows built here

@@ -43,6 +43,12 @@ class ProcessorSettings:
     max_text_length: int = 64
     pad_id: int = 0
     max_image_pixels: int = 50_000_000
+    # How the training data was read (DataConfig), so evaluation and prediction read rows the same way; a checkpoint
+    # written before these were stored gets today's defaults.
+    image_column: str = "image"
+    text_column: str = "caption"
+    image_root: str | None = None
+    missing_modality: str = "error"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -168,6 +174,12 @@ class FusionProcessor:
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
         return (array - mean) / std
+
+    def picture(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """The inverse of `image_tensor`'s normalisation: [3, S, S] -> [S, S, 3] RGB in [0, 1], for figures."""
+        mean = torch.tensor(self.settings.mean).view(3, 1, 1)
+        std = torch.tensor(self.settings.std).view(3, 1, 1)
+        return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
     def blank_image(self) -> torch.Tensor:
         return torch.zeros(3, self.settings.image_size, self.settings.image_size)

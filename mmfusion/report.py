@@ -12,336 +12,29 @@ the numbers are also embedded as JSON in `<script type="application/json" id="re
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import html
-import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import torch
 import tyro
-from accelerate.utils import send_to_device
 
 from . import viz
-from .config import Config, TaskSpec, load_yaml
-from .data import FusionDataset, model_inputs
+from .config import Config, TaskSpec
 from .errors import InputError
-from .evaluation import evaluate
-from .metrics import LOWER_IS_BETTER, PRIMARY_METRIC, MultiTaskMetrics
-from .model import FusionModel
-from .predictor import label_names
-from .processing import FusionProcessor
-from .training import make_loader, prepare_data
+from .html_page import esc, figure, note, number, render_page, section, table
+from .reevaluation import MISTAKES_SHOWN, CheckpointResults, evaluate_checkpoint
+from .runlog import History, best_record, describe_model, metric_value, read_history, read_run_config
 
-REPORT_NAME = "report.html"
-FIGURE_DIR = "report"
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.yaml"
-MISTAKES_SHOWN = 6  # most confident errors per classification task
-ATTENTION_IMAGES = 4  # validation images of the cross-attention figure
-ATTENTION_WORDS = 3  # caption words per image
-CONDITIONS = {
+CONDITION_NAMES = {
     "both": "image + text",
     "without_image": "text only (image removed)",
     "without_text": "image only (text removed)",
     "without_both": "neither (both removed)",
 }
-REMOVED = {"both": (), "without_image": ("image",), "without_text": ("text",), "without_both": ("image", "text")}
-STOPWORDS = frozenset(
-    "the and with near are its this that there these those has have was were for from into onto you your our "
-    "how what which here see seen shows show contains scene image picture photo very just some".split()
-)  # left out of the attention figure's word choice, which prefers words that name things
-
-
-# ----- what metrics.jsonl says -----
-
-
-@dataclass
-class History:
-    """metrics.jsonl by split, one record per step in step order (the last written wins)."""
-
-    train: list[dict]
-    validation: list[dict]
-    test: dict | None  # the last test record (metrics of the best checkpoint)
-
-
-def read_history(path: Path) -> History:
-    """Parse metrics.jsonl; a line cut short by a crash is left out, a step repeated by a resume keeps its last."""
-    if not path.is_file():
-        raise InputError(f"{path} not found: not a training run directory (train.py writes {METRICS_NAME})")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "split" in record and "step" in record:
-            records.append(record)
-    by_split: dict[str, dict[int, dict]] = {}
-    for record in records:
-        by_split.setdefault(record["split"], {})[record["step"]] = record
-    ordered = {split: [steps[s] for s in sorted(steps)] for split, steps in by_split.items()}
-    test = ordered.get("test", [])
-    return History(ordered.get("train", []), ordered.get("validation", []), test[-1] if test else None)
-
-
-def logged_value(record: dict, best_metric: str) -> float | None:
-    """The record's value of train.best_metric: `summary` or `task/metric`."""
-    if best_metric == "summary":
-        return record.get("summary")
-    task, _, metric = best_metric.partition("/")
-    return record.get(task, {}).get(metric)
-
-
-def selection_value(record: dict, best_metric: str) -> float | None:
-    """What train.py maximises to pick best/: the best_metric's value, negated when lower is better."""
-    value = logged_value(record, best_metric)
-    if value is None:
-        return None
-    return -value if best_metric.partition("/")[2] in LOWER_IS_BETTER else value
-
-
-def best_record(validation: list[dict], best_metric: str) -> dict | None:
-    """The validation record train.py saved as best/: the first one with the highest selection value."""
-    best, best_value = None, None
-    for record in validation:
-        value = selection_value(record, best_metric)
-        if value is not None and (best_value is None or value > best_value):
-            best, best_value = record, value
-    return best
-
-
-def read_config(run_dir: Path) -> Config:
-    """The run's resolved configuration (config.yaml)."""
-    path = run_dir / CONFIG_NAME
-    if not path.is_file():
-        raise InputError(f"{path} not found: not a training run directory (train.py writes {CONFIG_NAME})")
-    try:
-        return load_yaml(path)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-
-
-# ----- what the checkpoint does on the validation split -----
-
-
-@dataclass
-class CheckpointResults:
-    """The checkpoint re-evaluated on the validation split."""
-
-    directory: Path
-    rows: int  # validation rows evaluated
-    primary: dict[str, str]  # task -> its primary metric
-    modality: dict[str, dict[str, float | None]]  # task -> condition -> primary metric (None: no labels)
-    confusion: dict[str, list[list[int]]]  # classification task -> counts, rows true, columns predicted
-    labels: dict[str, list[str]]  # classification task -> class names
-    mistakes: dict[str, list[viz.Mistake]]
-    gates: np.ndarray | None = None  # gated fusion: [rows, dim]
-    attention: list[viz.AttentionExample] = field(default_factory=list)
-    attention_note: str = ""
-
-    def as_json(self) -> dict[str, Any]:
-        """The re-evaluated numbers: primary metric per task and condition, labelled confusion matrices."""
-        return {
-            "directory": str(self.directory),
-            "primary_metric": self.primary,
-            "modality": self.modality,
-            "confusion": {task: {"labels": self.labels[task], "matrix": m} for task, m in self.confusion.items()},
-        }
-
-
-class OneProcess:
-    """What `evaluation.evaluate` needs of an Accelerator, for this process alone: the report never syncs with
-    other processes (train.py writes it on the main process only), runs in float32 and moves batches itself."""
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def gather_for_metrics(self, values: Any) -> Any:
-        return values
-
-
-@dataclass
-class ValidationRows:
-    """The run's validation split, encoded with the checkpoint's processor, and how to show its rows."""
-
-    dataset: torch.utils.data.Dataset
-    processor: FusionProcessor
-    text_column: str
-    device: torch.device
-    batch_size: int
-
-    def batches(self, removed: tuple[str, ...] = (), batch_size: int | None = None):
-        """Batches on the device, with the modalities in `removed` marked absent (the model's placeholders)."""
-        loader = make_loader(self.dataset, batch_size or self.batch_size, self.processor.settings.pad_id, False, 0)
-        start = 0
-        for batch in loader:
-            size = len(batch["row"])
-            batch["position"] = torch.arange(start, start + size)  # in the dataset (rows are never shuffled here)
-            start += size
-            batch = send_to_device(batch, self.device)
-            for modality in removed:
-                batch[f"{modality}_present"] = torch.zeros_like(batch[f"{modality}_present"])
-            yield batch
-
-    def picture(self, batch: dict, i: int) -> np.ndarray:
-        """Row i's normalised image tensor back to [S, S, 3] RGB in [0, 1]."""
-        mean = torch.tensor(self.processor.settings.mean).view(3, 1, 1)
-        std = torch.tensor(self.processor.settings.std).view(3, 1, 1)
-        return (batch["pixel_values"][i].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-    def caption(self, batch: dict, i: int) -> str:
-        """Row i's text as written in the data (a streamed split: as the model read it, from its token ids)."""
-        if not batch["text_present"][i]:
-            return "(no text)"
-        if isinstance(self.dataset, FusionDataset):
-            return str(self.dataset.split[int(batch["position"][i])][self.text_column])
-        return self.processor.tokenizer.decode(self.token_ids(batch, i))
-
-    def token_ids(self, batch: dict, i: int) -> list[int]:
-        return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-
-
-def validation_rows(
-    config: Config,
-    model: FusionModel,
-    processor: FusionProcessor,
-    data_path: str | None,
-    device: torch.device,
-    batch_size: int | None,
-) -> ValidationRows:
-    """The run's validation split, checked and encoded with the checkpoint's processor and label maps (held out
-    from train exactly as in training when the data has no validation split)."""
-    if data_path is not None:
-        config.data.path = data_path
-    if not Path(config.data.path).exists():
-        raise InputError(
-            f"data.path {config.data.path!r} of the run's {CONFIG_NAME} not found (a relative path starts from the "
-            f"working directory {Path.cwd()}); give the data's location with --data_path"
-        )
-    config.tasks = model.config.tasks
-    dataset = prepare_data(config, processor, splits=("validation",)).datasets["validation"]
-    batch_size = batch_size or config.train.eval_batch_size  # as in training: the same padding, the same numbers
-    return ValidationRows(dataset, processor, config.data.text_column, device, batch_size)
-
-
-def modality_table(model: FusionModel, rows: ValidationRows) -> tuple[dict, dict]:
-    """Each task's primary metric with both modalities, each one removed and both removed; and the confusion
-    matrices of the pass with both."""
-    tasks = model.config.tasks
-    table: dict[str, dict[str, float | None]] = {spec.name: {} for spec in tasks}
-    matrices = {}
-    for condition, removed in REMOVED.items():
-        results = MultiTaskMetrics(tasks)
-        metrics = evaluate(model, rows.batches(removed), OneProcess(), tasks, metrics=results)
-        for spec in tasks:
-            table[spec.name][condition] = metrics[spec.name].get(PRIMARY_METRIC[spec.type][0])
-        if condition == "both":
-            matrices = results.confusion_matrices()
-    return table, matrices
-
-
-def batch_mistakes(spec: TaskSpec, logits: torch.Tensor, batch: dict, rows: ValidationRows) -> list[viz.Mistake]:
-    """The batch's most confident wrong predictions of a classification task (at most MISTAKES_SHOWN)."""
-    confidence, predicted = logits.float().softmax(-1).cpu().max(-1)
-    target, mask = batch["labels"][spec.name].cpu(), batch["label_mask"][spec.name].cpu().bool()
-    wrong = (mask & (predicted != target)).nonzero().flatten().tolist()
-    wrong = sorted(wrong, key=lambda i: -confidence[i].item())[:MISTAKES_SHOWN]
-    names = label_names(spec)
-    return [
-        viz.Mistake(
-            rows.picture(batch, i),
-            rows.caption(batch, i),
-            names[int(target[i])],
-            names[int(predicted[i])],
-            confidence[i].item(),
-            int(batch["row"][i]),
-        )
-        for i in wrong
-    ]
-
-
-@torch.no_grad()
-def inspect_rows(model: FusionModel, rows: ValidationRows):
-    """One pass over the validation rows: each classification task's most confident errors, and the gate values
-    of a gated fusion ([rows, dim], else None)."""
-    tasks = [spec for spec in model.config.tasks if spec.type == "classification"]
-    mistakes: dict[str, list[viz.Mistake]] = {spec.name: [] for spec in tasks}
-    gates = []
-    for batch in rows.batches():
-        output = model(**model_inputs(batch))
-        if "gate" in output.extras:
-            gates.append(output.extras["gate"].float().cpu())
-        for spec in tasks:
-            found = mistakes[spec.name] + batch_mistakes(spec, output.logits[spec.name], batch, rows)
-            mistakes[spec.name] = sorted(found, key=lambda m: (-m.probability, m.row))[:MISTAKES_SHOWN]
-    return mistakes, torch.cat(gates).numpy() if gates else None
-
-
-def chosen_words(tokens: list[str], weights: torch.Tensor) -> list[int]:
-    """Positions of up to ATTENTION_WORDS distinct caption words whose attention is the most peaked; content
-    words (alphabetic, 3+ letters, not a stop word) come first, special tokens never. In caption order."""
-    ranked = []
-    for position, token in enumerate(tokens):
-        word = token.lstrip("#Ġ▁").lower()
-        content = word.isalpha() and len(word) >= 3 and word not in STOPWORDS
-        if not word.startswith(("[", "<")):
-            ranked.append((not content, -weights[position].max().item(), position, word))
-    chosen: dict[str, int] = {}
-    for _, _, position, word in sorted(ranked):
-        chosen.setdefault(word, position)
-    return sorted(list(chosen.values())[:ATTENTION_WORDS])
-
-
-@torch.no_grad()
-def attention_examples(model: FusionModel, rows: ValidationRows) -> tuple[list[viz.AttentionExample], str]:
-    """Cross-attention: for the first validation images, chosen words' attention over the image patches (last
-    fusion layer, mean over heads); and a note on what is shown (or why nothing is)."""
-    batch = next(rows.batches(batch_size=ATTENTION_IMAGES))
-    layers = model(**model_inputs(batch), output_attentions=True).extras["text_to_image_attention"]
-    weights = layers[-1].float().mean(1).cpu()  # [B, T, P]
-    patches = weights.shape[-1]
-    side = math.isqrt(patches)
-    if side * side != patches:
-        return [], f"the image encoder's {patches} tokens do not form a square grid, so no map is drawn"
-    examples = []
-    for i in range(weights.shape[0]):
-        tokens = [rows.processor.tokenizer.id_to_token(token) or "?" for token in rows.token_ids(batch, i)]
-        positions = chosen_words(tokens, weights[i])
-        maps = [weights[i, p].view(side, side).numpy() for p in positions]
-        words = [tokens[p] for p in positions]
-        examples.append(viz.AttentionExample(rows.picture(batch, i), rows.caption(batch, i), words, maps))
-    heads = model.config.fusion_heads
-    return examples, f"last of {len(layers)} fusion layers, mean over {heads} heads, {side}x{side} image patches"
-
-
-def evaluate_checkpoint(
-    directory: Path, config: Config, data_path: str | None, batch_size: int | None, device: torch.device
-) -> CheckpointResults:
-    """Re-evaluate a checkpoint on the run's validation split for the report's checkpoint sections."""
-    model = FusionModel.from_pretrained(directory).to(device).eval()
-    rows = validation_rows(config, model, FusionProcessor.from_pretrained(directory), data_path, device, batch_size)
-    table, matrices = modality_table(model, rows)
-    mistakes, gates = inspect_rows(model, rows)
-    tasks = model.tasks
-    results = CheckpointResults(
-        directory=directory,
-        rows=len(rows.dataset) if isinstance(rows.dataset, FusionDataset) else -1,
-        primary={name: PRIMARY_METRIC[spec.type][0] for name, spec in tasks.items()},
-        modality=table,
-        confusion=matrices,
-        labels={name: label_names(tasks[name]) for name in matrices},
-        mistakes=mistakes,
-        gates=gates,
-    )
-    if model.config.fusion == "cross_attention":
-        results.attention, results.attention_note = attention_examples(model, rows)
-    return results
+REPORT_NAME = "report.html"
+FIGURE_DIR = "report"
 
 
 # ----- the report -----
@@ -360,7 +53,7 @@ class ReportData:
 
     @property
     def tasks(self) -> list[TaskSpec]:
-        return self.config.model.tasks or self.config.tasks
+        return self.config.tasks
 
     def as_json(self) -> dict[str, Any]:
         """The logged records (deduplicated), the best step and the checkpoint's re-evaluated numbers."""
@@ -381,13 +74,14 @@ def collect(
     data_path: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    validation: torch.utils.data.Dataset | None = None,
 ) -> ReportData:
     """Read the run's files and re-evaluate its checkpoint (sections that need it are skipped, with the reason,
     when the checkpoint directory is not there)."""
     if not run_dir.is_dir():
         raise InputError(f"run directory not found: {run_dir}")
-    history = read_history(run_dir / METRICS_NAME)
-    config = read_config(run_dir)
+    history = read_history(run_dir)
+    config = read_run_config(run_dir)
     best = best_record(history.validation, config.train.best_metric)
     data = ReportData(run_dir, config, history, best, None)
     directory = run_dir / checkpoint
@@ -395,7 +89,7 @@ def collect(
         data.checkpoint_note = f"There is no checkpoint in {directory}, so nothing was re-evaluated."
         return data
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data.checkpoint = evaluate_checkpoint(directory, config, data_path, batch_size, target)
+    data.checkpoint = evaluate_checkpoint(directory, config, data_path, batch_size, target, validation)
     return data
 
 
@@ -405,10 +99,12 @@ def write_report(
     data_path: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    validation: torch.utils.data.Dataset | None = None,
 ) -> Path:
-    """Write RUN_DIR/report.html (self-contained) and its figures as RUN_DIR/report/*.png; returns the page."""
+    """Write RUN_DIR/report.html (self-contained) and its figures as RUN_DIR/report/*.png; returns the page.
+    `validation`: the run's validation split as training prepared it, so it is not read again."""
     run_dir = Path(run_dir)
-    data = collect(run_dir, checkpoint, data_path, batch_size, device)
+    data = collect(run_dir, checkpoint, data_path, batch_size, device, validation)
     figure_dir = run_dir / FIGURE_DIR
     figure_dir.mkdir(exist_ok=True)
     for old in figure_dir.glob("*.png"):
@@ -419,80 +115,6 @@ def write_report(
     page = run_dir / REPORT_NAME
     page.write_text(render_page(f"Training report: {run_dir.name}", sections, data.as_json()))
     return page
-
-
-# ----- HTML -----
-
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1280px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
-table { border-collapse: collapse; margin: .8em 0; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-family: ui-monospace, Menlo, Consolas, monospace; }
-th { background: #f2f2f2; }
-img { max-width: 100%; height: auto; border: 1px solid #ddd; margin: .5em 0; }
-p.note { color: #555; font-style: italic; }
-"""
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def number(value: Any) -> str:
-    """A metric as shown: integers as they are, floats with 4 decimals, missing as a dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return f"{value:.4f}" if isinstance(value, float) else esc(value)
-
-
-def table(headers: list[str], rows: list[list[Any]], numeric_from: int = 1) -> str:
-    """An HTML table; cells from column `numeric_from` on are numbers (right-aligned, 4 decimals)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = ""
-    for row in rows:
-        cells = [
-            f"<td>{esc(v)}</td>" if i < numeric_from else f'<td class="num">{number(v)}</td>' for i, v in enumerate(row)
-        ]
-        body += "<tr>" + "".join(cells) + "</tr>\n"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
-
-
-def image(path: Path, alt: str) -> str:
-    """The PNG at `path` embedded as a data URI."""
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{encoded}" alt="{esc(alt)}">'
-
-
-def figure(fig, path: Path, alt: str, caption: str = "") -> str:
-    """Save a matplotlib figure beside the page and embed it, with an optional caption paragraph."""
-    embedded = image(viz.save_png(fig, path), alt)
-    return embedded + (f"<p>{caption}</p>" if caption else "")
-
-
-def section(title: str, body: str) -> str:
-    return f"<section>\n<h2>{esc(title)}</h2>\n{body}\n</section>"
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def file_name(prefix: str, task: str) -> str:
-    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
-
-
-def render_page(title: str, sections: list[str], data: dict) -> str:
-    """The whole page: inline CSS, the sections, and the report data as JSON (never executed)."""
-    embedded = json.dumps(data).replace("</", "<\\/")
-    head = f'<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>'
-    script = f'<script type="application/json" id="report-data">{embedded}</script>'
-    body = "\n".join([f"<h1>{esc(title)}</h1>", *sections, script])
-    return f'<!DOCTYPE html>\n<html lang="en">\n{head}\n<body>\n{body}\n</body>\n</html>\n'
 
 
 def metric_rows(records: list[dict | None], tasks: list[TaskSpec]) -> list[list[Any]]:
@@ -507,21 +129,20 @@ def metric_rows(records: list[dict | None], tasks: list[TaskSpec]) -> list[list[
     return rows
 
 
-def describe_model(config: Config) -> list[list[str]]:
-    """Configuration rows of the header: encoders, fusion, tasks, data and optimisation."""
-    model, train = config.model, config.train
-    image = model.image_encoder + (f" (widths {model.image_widths})" if model.image_encoder == "simple_cnn" else "")
-    text = f"hf {model.text_model}" if model.text_encoder == "hf" else f"{model.text_encoder} (dim {model.text_dim})"
-    heads = f", {model.fusion_heads} heads" if model.fusion == "cross_attention" else ""
-    tasks = "; ".join(
-        f"{t.name} ({t.type}{f', {t.num_labels} labels' if t.num_labels else ''})" for t in model.tasks or config.tasks
-    )
+def file_name(prefix: str, task: str) -> str:
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
+
+
+def describe_run(config: Config) -> list[list[str]]:
+    """Configuration rows of the header: the model's parts, the data and the optimisation."""
+    train = config.train
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epochs"
+    if train.time_limit:
+        length = f"planned to {train.time_limit:g} s" + (
+            f" (at most {train.max_steps} steps)" if train.max_steps else ""
+        )
     return [
-        ["image encoder", f"{image}, {model.image_size}x{model.image_size} px"],
-        ["text encoder", text],
-        ["fusion", f"{model.fusion} (dim {model.dim}, {model.fusion_layers} layers{heads}, dropout {model.dropout})"],
-        ["tasks", tasks],
+        *[[part, text] for part, text in describe_model(config.model_config())],
         ["data", config.data.path],
         [
             "training",
@@ -536,10 +157,10 @@ def header(data: ReportData) -> str:
     """Configuration summary, best step, validation metrics at the best and last steps, and test metrics."""
     history, best = data.history, data.best
     last_step = max((r["step"] for r in history.train + history.validation), default=None)
-    rows = describe_model(data.config) + [["run directory", str(data.run_dir)], ["last logged step", last_step]]
+    rows = describe_run(data.config) + [["run directory", str(data.run_dir)], ["last logged step", last_step]]
     if best:
         metric = data.config.train.best_metric
-        rows.append(["best step", f"{best['step']} ({metric} = {number(logged_value(best, metric))})"])
+        rows.append(["best step", f"{best['step']} ({metric} = {number(metric_value(best, metric))})"])
     body = table(["setting", "value"], rows, numeric_from=2)
     if history.validation:
         last = history.validation[-1]
@@ -616,9 +237,9 @@ def modality_section(data: ReportData, figure_dir: Path) -> str:
     results = data.checkpoint
     if results is None:
         return section(title, note(data.checkpoint_note))
-    headers = ["task", "primary metric", *CONDITIONS.values()]
+    headers = ["task", "primary metric", *CONDITION_NAMES.values()]
     rows = [
-        [task, viz.metric_label(results.primary[task]), *(values[c] for c in CONDITIONS)]
+        [task, viz.metric_label(results.primary[task]), *(values[c] for c in CONDITION_NAMES)]
         for task, values in results.modality.items()
     ]
     body = (
@@ -626,7 +247,7 @@ def modality_section(data: ReportData, figure_dir: Path) -> str:
         "A task that drops when the image is removed relies on the image, and likewise for the text.</p>"
     )
     body += table(headers, rows, numeric_from=2)
-    fig = viz.modality_bars(results.modality, results.primary, CONDITIONS)
+    fig = viz.modality_bars(results.modality, results.primary, CONDITION_NAMES)
     return section(title, body + figure(fig, figure_dir / "modality.png", "modality contributions"))
 
 

@@ -1,130 +1,31 @@
-"""The parts of train.py that are not the loop itself: data preparation, optimizer, schedule, training state.
+"""What the training loop uses besides data and model: optimizer groups, the learning-rate schedule, fitting a run
+into a time budget, per-batch seeding, and the training state it saves and resumes.
 
-Training state lives in `output_dir/checkpoints/step_N/` (accelerate's `save_state` plus `trainer_state.json`);
-each is written to a hidden temporary directory first and renamed, so `latest` never picks a half-written one.
+Training state lives in `output_dir/checkpoints/step_N/` (accelerate's `save_state`, the loss weighting's state and
+`trainer_state.json`); each is written to a hidden temporary directory first and renamed, so `latest` never picks
+a half-written one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .config import Config, DataConfig, TaskSpec, TrainConfig
-from .data import (
-    Collator,
-    FusionDataset,
-    FusionStream,
-    LoadedData,
-    RowReader,
-    SkipReport,
-    check_columns,
-    check_split,
-    fit_tasks,
-    infer_tasks,
-    load_dataset,
-)
+from .config import TrainConfig
 from .errors import CheckpointWriteError, InputError
 from .model import FusionModel
-from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 
 STATE_NAME = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-# ----- data -----
-
-
-@dataclass
-class PreparedData:
-    tasks: list[TaskSpec]
-    processor: FusionProcessor
-    datasets: dict[str, torch.utils.data.Dataset]
-    report: SkipReport
-    notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
-
-
-def build_processor(config: Config, tasks: list[TaskSpec], loaded: LoadedData) -> FusionProcessor:
-    """The HF model's tokenizer for `hf`, else a tokenizer trained on the training text; model.vocab_size follows."""
-    model, data = config.model, config.data
-    settings = ProcessorSettings(
-        image_size=model.image_size, max_text_length=data.max_text_length, max_image_pixels=data.max_image_pixels
-    )
-    if model.text_encoder == "hf":
-        tokenizer, settings.pad_id = hf_tokenizer(model.text_model)
-    else:
-        train = loaded.splits["train"]
-        texts = train[data.text_column] if not loaded.streaming else (r[data.text_column] for r in train.take(100_000))
-        tokenizer = train_tokenizer((t for t in texts if isinstance(t, str)), data.tokenizer, model.vocab_size)
-        model.vocab_size = tokenizer.get_vocab_size()
-    model.max_text_length = max(model.max_text_length, data.max_text_length)
-    return FusionProcessor(tokenizer, settings)
-
-
-def prepare_data(config: Config, processor: FusionProcessor | None = None, splits=("train", "validation", "test")):
-    """Load, infer and fit tasks, build the processor, check every row; returns datasets per split."""
-    data = config.data
-    loaded = load_dataset(data.path, data)
-    notes = []
-    tasks = config.tasks
-    if not tasks:
-        tasks, notes = infer_tasks(loaded.splits["train"], data)
-    present = [name for name in splits if name in loaded.splits]
-    for name in present:
-        check_columns(loaded.splits[name], name, tasks, data)
-    tasks = fit_tasks(tasks, loaded.splits["train"], data)
-    if processor is None:
-        processor = build_processor(config, tasks, loaded)
-    report = SkipReport()
-    datasets = {}
-    for name in present:
-        split = loaded.splits[name]
-        placeholder = data.missing_modality == "placeholder"
-        held_out = name == "validation" and loaded.held_out
-        reader = RowReader(processor, tasks, data, loaded.roots[name], name, placeholder, held_out)
-        train = name == "train"
-        augment = train and data.augment
-        dropout = config.train.modality_dropout if train else 0.0
-        if loaded.streaming:
-            datasets[name] = FusionStream(split, reader, data.on_error, augment, config.train.seed, dropout)
-        else:
-            split = check_split(split, name, reader, report, data.on_error, data.verify_images)
-            datasets[name] = FusionDataset(split, reader, augment, config.train.seed, dropout)
-    return PreparedData(tasks, processor, datasets, report, notes)
-
-
-def loader_workers(data: DataConfig, accelerator) -> int:
-    """`--data.num_workers`, or when unset: 4 per process on a CUDA device (at most the CPUs this process may use,
-    shared among the machine's processes); 0 on CPU, where a worker takes a core from the model
-    (benchmarks/data_throughput.py measures both); 0 for a stream, which is read in the main process."""
-    if data.num_workers is not None:
-        return data.num_workers
-    if data.streaming or accelerator.device.type != "cuda":
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    return min(4, cpus // max(1, local_processes))
-
-
-def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and not isinstance(dataset, torch.utils.data.IterableDataset),
-        collate_fn=Collator(pad_id),
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers are re-created each epoch and so see the dataset's new epoch
-        prefetch_factor=4 if workers else None,
-    )
 
 
 # ----- optimisation -----
@@ -163,12 +64,21 @@ def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=())
     return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available() or None)  # on CPU the default is fastest
 
 
-def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+@dataclass
+class StepPlan:
+    """The number of optimizer steps of the run. The schedule reads it at every step, so a time budget can set it
+    once the step time is known (the warmup and the annealing then follow the planned length)."""
+
+    total: int
+
+
+def build_scheduler(optimizer, train: TrainConfig, plan: StepPlan) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for warmup_ratio of the steps, then cosine, linear or constant; pretrained encoders stay at
     learning rate 0 (frozen) for the first `freeze_encoders_steps` steps."""
-    warmup = int(train.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
+        total_steps = plan.total
+        warmup = int(train.warmup_ratio * total_steps)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -205,51 +115,43 @@ def set_cpu_threads(accelerator, requested: int) -> None:
     torch.set_num_threads(requested or max(1, cores // accelerator.num_processes))
 
 
+@dataclass
+class TimeBudget:
+    """Fits a whole run, start-up to report, into `limit` seconds from `start` (a `time.perf_counter()` value).
+
+    After `warmup_steps` measured steps and one timed evaluation, `plan` sets the number of steps so that the
+    steps, the evaluations they bring and the end of the run (final save, test split, report) fit; the trainer
+    plans again after each evaluation, so the schedule anneals over what the machine really delivers.
+    `must_stop` is the guard if an estimate was too hopeful.
+    """
+
+    limit: float
+    start: float
+    warmup_from: int = 2  # steps before the measurement (they pay for caches and allocations)
+    warmup_steps: int = 10  # steps measured before the first plan
+    end_seconds: float = 0.0  # planned time for the end of the run
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def plan(self, step_seconds: float, evaluation_seconds: float, evaluations, end_seconds: float, done: int) -> int:
+        """The total steps that fit: `evaluations(steps)` is how many evaluations a run of `steps` steps makes."""
+        self.end_seconds = end_seconds
+        left = self.limit - self.elapsed() - end_seconds
+        steps = done
+        for _ in range(4):  # a fixed point: more steps bring more evaluations
+            steps = done + int(max(0.0, left - evaluations(steps) * evaluation_seconds) / max(step_seconds, 1e-9))
+        return max(done + 1, steps)
+
+    def must_stop(self, evaluation_seconds: float) -> bool:
+        """Whether the run must end now to finish its last evaluation and the end within the limit."""
+        return self.elapsed() + evaluation_seconds + self.end_seconds >= self.limit
+
+
 def seed_step(seed: int, epoch: int, batch: int, process: int) -> None:
     """Re-seed torch from (seed, epoch, batch, process) before each batch: dropout and random loss weights then
     depend on nothing else, so a resumed run draws exactly what an uninterrupted one drew."""
     torch.manual_seed(((seed * 10_007 + epoch) * 10_000_019 + batch) * 256 + process)
-
-
-def shared_tensors(model, output, weighting) -> list[torch.Tensor]:
-    """What gradient-based weightings differentiate: the trainable parameters outside the task heads, or the
-    shared representation every head reads (the fused features and each encoder's pooled vector)."""
-    if weighting.space == "representation":
-        return [output.fused, *output.extras["pooled"].values()]
-    return [p for name, p in model.named_parameters() if p.requires_grad and ".heads." not in f".{name}"
-            and "aux_heads." not in name]  # fmt: skip
-
-
-def ddp_sync_disabled(accelerator, model, weighting):
-    """Gradient-based weightings differentiate each task before the real backward, which DDP's reducer does not
-    allow; with several processes they run outside DDP's sync and `average_gradients` does its job instead."""
-    if weighting.needs_gradients and accelerator.num_processes > 1:
-        return accelerator.no_sync(model)
-    return contextlib.nullcontext()
-
-
-def weighted_backward(accelerator, model, weighting, output, present: torch.Tensor, step: int) -> torch.Tensor:
-    """Combine the task losses with `weighting` (after it has seen the task gradients, if it needs them), then
-    back-propagate the combination. Returns the combined loss."""
-    if weighting.needs_gradients:
-        weighting.observe(output.task_losses, present, shared_tensors(model, output, weighting), accelerator)
-    loss = weighting(output.task_losses, present, step)
-    accelerator.backward(loss)
-    return loss
-
-
-def average_gradients(accelerator, model, weighting) -> None:
-    """At an optimizer step: average what DDP did not (all gradients when its sync was off, and the weighting's
-    own parameters, which live outside DDP) so every process applies the same update."""
-    parameters = list(weighting.parameters())
-    if weighting.needs_gradients:
-        parameters += list(model.parameters())
-    parameters = [p for p in parameters if p.grad is not None]
-    if accelerator.num_processes == 1 or not parameters:
-        return
-    flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in parameters]), "mean")
-    for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
-        parameter.grad.copy_(grad.view_as(parameter.grad))
 
 
 # ----- training state -----
@@ -267,6 +169,8 @@ class TrainerState:
     best_metrics: dict | None = None  # validation metrics of best/
     last_metrics: dict | None = None  # the latest validation metrics
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
+    total_steps: int | None = None  # the planned length (a time budget plans it once)
+    evaluations_since_best: int = 0  # for early stopping
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -10,8 +10,8 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from mmfusion.config import parse_args  # noqa: E402
 from mmfusion.fusions import FUSIONS  # noqa: E402
+from mmfusion.options import parse_args  # noqa: E402
 
 if __name__ == "__main__":
     data, output, *common = sys.argv[1:]

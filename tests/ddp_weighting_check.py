@@ -11,8 +11,8 @@ from helpers import tiny_batch, tiny_config
 
 from mmfusion import FusionModel
 from mmfusion.config import TrainConfig
-from mmfusion.losses import build_weighting
-from mmfusion.training import average_gradients, build_optimizer, ddp_sync_disabled, weighted_backward
+from mmfusion.training import build_optimizer
+from mmfusion.weighting import average_gradients, build_weighting, ddp_sync_disabled, weighted_backward
 
 
 def check(name: str, accelerator: Accelerator) -> None:

@@ -70,10 +70,16 @@ def make_rows(count: int, start: int = 0) -> list[dict]:
     for i in range(start, start + count):
         color = "red" if i % 2 else "blue"
         mood = ["happy", "sad", "calm"][i % 3]
-        rows.append({
-            "file_name": f"{i:03d}.png", "caption": f"{mood} picture number {i}", "label": color,
-            "score": float(i % 5) / 4, "tags": sorted({color, mood}), "_color": colors[color],
-        })  # fmt: skip
+        rows.append(
+            {
+                "file_name": f"{i:03d}.png",
+                "caption": f"{mood} picture number {i}",
+                "label": color,
+                "score": float(i % 5) / 4,
+                "tags": sorted({color, mood}),
+                "_color": colors[color],
+            }
+        )
     return rows
 
 

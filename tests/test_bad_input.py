@@ -50,8 +50,9 @@ def _variant(base: Path, tmp_path: Path, change) -> Path:
 
 
 def _train(data: Path, tmp_path: Path, *extra: str) -> int:
-    return _run(["--data.path", str(data), *TINY, "--train.max_steps", "2", "--train.output_dir",
-                 str(tmp_path / "out"), *extra])  # fmt: skip
+    return _run(
+        ["--data.path", str(data), *TINY, "--train.max_steps", "2", "--train.output_dir", str(tmp_path / "out"), *extra]
+    )
 
 
 def _set(field, value):
@@ -73,21 +74,51 @@ def _huge(path):
 
 
 TRAIN_CASES = {
-    "missing image": (_set("file_name", "nowhere.png"), r"train split, row 2, field 'image' \(file nowhere.png\): image file not found"),
-    "corrupt image": (_file(lambda p: p.write_bytes(b"GIF89a garbage")), r"row 2, field 'image' \(file 002.png\): not a readable image"),
-    "truncated image": (_file(lambda p: p.write_bytes(p.read_bytes()[:60])), r"row 2, field 'image' \(file 002.png\): (image is corrupt or truncated|not a readable image)"),
-    "zero-byte image": (_file(lambda p: p.write_bytes(b"")), r"row 2, field 'image' \(file 002.png\): not a readable image"),
-    "directory instead of image": (_file(lambda p: (p.unlink(), p.mkdir())), r"row 2, field 'image' \(file 002.png\): not a readable image"),
-    "path escaping the data directory": (_set("file_name", "../../etc/passwd"), r"row 2, field 'image' \(file ../../etc/passwd\): image path '../../etc/passwd' escapes the data directory"),
+    "missing image": (
+        _set("file_name", "nowhere.png"),
+        r"train split, row 2, field 'image' \(file nowhere.png\): image file not found",
+    ),
+    "corrupt image": (
+        _file(lambda p: p.write_bytes(b"GIF89a garbage")),
+        r"row 2, field 'image' \(file 002.png\): not a readable image",
+    ),
+    "truncated image": (
+        _file(lambda p: p.write_bytes(p.read_bytes()[:60])),
+        r"row 2, field 'image' \(file 002.png\): (image is corrupt or truncated|not a readable image)",
+    ),
+    "zero-byte image": (
+        _file(lambda p: p.write_bytes(b"")),
+        r"row 2, field 'image' \(file 002.png\): not a readable image",
+    ),
+    "directory instead of image": (
+        _file(lambda p: (p.unlink(), p.mkdir())),
+        r"row 2, field 'image' \(file 002.png\): not a readable image",
+    ),
+    "path escaping the data directory": (
+        _set("file_name", "../../etc/passwd"),
+        r"row 2, field 'image' \(file ../../etc/passwd\): image path '../../etc/passwd' escapes the data directory",
+    ),
     "absolute path outside": (_set("file_name", "/etc/hostname"), r"row 2, .*escapes the data directory"),
     "empty text": (_set("caption", ""), r"train split, row 2, field 'caption': text is empty"),
     "whitespace text": (_set("caption", " \t\n "), r"row 2, field 'caption': text is empty"),
-    "missing text": (_set("caption", None), r"row 2: field 'caption' is missing \(set data.missing_modality: placeholder\)"),
+    "missing text": (
+        _set("caption", None),
+        r"row 2: field 'caption' is missing \(set data.missing_modality: placeholder\)",
+    ),
     "text of the wrong type": (_set("caption", 42), r"row 2, field 'caption': expected text \(a string\), got int 42"),
-    "classification label of the wrong type": (_set("label", [1, 2]), r"row 2, field 'label': expected a class label .* got \[1, 2\]"),
-    "multilabel not a list": (_set("tags", "red"), r"row 2, field 'tags': expected a list of labels for multilabel task 'tags', got 'red'"),
-    "regression target not a number": (_set("score", "high"), r"row 2, field 'score': expected a number for regression task 'score', got 'high'"),
-}  # fmt: skip
+    "classification label of the wrong type": (
+        _set("label", [1, 2]),
+        r"row 2, field 'label': expected a class label .* got \[1, 2\]",
+    ),
+    "multilabel not a list": (
+        _set("tags", "red"),
+        r"row 2, field 'tags': expected a list of labels for multilabel task 'tags', got 'red'",
+    ),
+    "regression target not a number": (
+        _set("score", "high"),
+        r"row 2, field 'score': expected a number for regression task 'score', got 'high'",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
@@ -165,10 +196,19 @@ def test_bad_rows_are_skipped_and_counted(base, tmp_path, capsys):
     [
         (lambda root: None, "data.path does not exist"),
         (lambda root: root.mkdir(), "no data found"),
-        (lambda root: make_imagefolder(root, {"validation": make_rows(4)}), r"no train split; found splits \['validation'\]"),
-        (lambda root: (make_imagefolder(root, {"train": make_rows(4)}), (root / "train" / "metadata.jsonl").write_text("")), "the train split is empty"),
+        (
+            lambda root: make_imagefolder(root, {"validation": make_rows(4)}),
+            r"no train split; found splits \['validation'\]",
+        ),
+        (
+            lambda root: (
+                make_imagefolder(root, {"train": make_rows(4)}),
+                (root / "train" / "metadata.jsonl").write_text(""),
+            ),
+            "the train split is empty",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unusable_data_directories(tmp_path, capsys, make, message):
     make(tmp_path / "d")
     assert _train(tmp_path / "d", tmp_path) == 2

@@ -10,7 +10,7 @@ from helpers import tiny_batch, tiny_config
 
 from mmfusion import FusionModel
 from mmfusion.errors import CheckpointError
-from mmfusion.model import CONFIG_NAME, WEIGHTS_NAME
+from mmfusion.model import MODEL_CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def saved(tmp_path):
 
 def test_directory_holds_config_and_safetensors_only(saved):
     model, directory = saved
-    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    assert sorted(p.name for p in directory.iterdir()) == [MODEL_CONFIG_NAME, WEIGHTS_NAME]
+    config = json.loads((directory / MODEL_CONFIG_NAME).read_text())
     assert config["architecture"] == "FusionModel" and config["mmfusion_version"]
     assert [t["name"] for t in config["tasks"]] == ["topic", "tags", "score", "pair"]
     assert config["tasks"][2]["target_std"] == 3.0
@@ -76,16 +76,16 @@ def test_directory_without_config(tmp_path):
 
 def test_foreign_config(saved):
     _, directory = saved
-    (directory / CONFIG_NAME).write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match="not an mmfusion FusionModel config"):
         FusionModel.from_pretrained(directory)
 
 
 def test_config_with_unknown_key_names_it(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = json.loads((directory / MODEL_CONFIG_NAME).read_text())
     config["fusoin"] = "gated"
-    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unknown key 'fusoin'; did you mean 'fusion'"):
         FusionModel.from_pretrained(directory)
 
@@ -127,9 +127,9 @@ def test_hf_checkpoint_rebuilds_without_the_original_model_files(tmp_path, minil
     torch.manual_seed(0)
     model = FusionModel(tiny_config("simple_cnn", "hf", "concat", text_model=minilm_path)).eval()
     directory = model.save_pretrained(tmp_path / "ckpt")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = json.loads((directory / MODEL_CONFIG_NAME).read_text())
     config["text_model"] = str(tmp_path / "moved-away")  # the original weights are no longer needed
-    (directory / CONFIG_NAME).write_text(json.dumps(config))
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps(config))
     loaded = FusionModel.from_pretrained(directory).eval()
     batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
     torch.testing.assert_close(loaded(**batch).logits["topic"], model(**batch).logits["topic"], atol=0, rtol=0)

@@ -14,12 +14,12 @@ from test_predictor import CAPTIONS, TOPICS, fake_hub_cache, go_offline, make_ch
 
 from mmfusion.cli import main
 from mmfusion.config import DataConfig
-from mmfusion.data import FusionDataset, RowReader, load_dataset
+from mmfusion.data import load_splits
 from mmfusion.evaluation import evaluate
 from mmfusion.model import FusionModel
 from mmfusion.predictor import Predictor
 from mmfusion.processing import FusionProcessor
-from mmfusion.training import make_loader
+from mmfusion.rows import FusionDataset, RowReader, make_loader
 
 TEST_TOPICS = ["cat", "dog", None, "bird", "cat", "cat", "dog"]  # one row without a topic label
 
@@ -30,8 +30,13 @@ def write_split(directory: Path, topics: list[str | None]) -> None:
     with (directory / "metadata.jsonl").open("w") as f:
         for i, topic in enumerate(topics):
             write_image(directory / f"{i}.png", seed=100 + i)
-            row = {"file_name": f"{i}.png", "caption": CAPTIONS[i % len(CAPTIONS)], "topic": topic,
-                   "tags": [["red"], ["blue", "green"], []][i % 3], "score": float(i) - 1.5}  # fmt: skip
+            row = {
+                "file_name": f"{i}.png",
+                "caption": CAPTIONS[i % len(CAPTIONS)],
+                "topic": topic,
+                "tags": [["red"], ["blue", "green"], []][i % 3],
+                "score": float(i) - 1.5,
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -51,6 +56,7 @@ def run_dir(tmp_path_factory) -> Path:
         {"step": 10, "epoch": 0, "split": "train", "losses": {"topic": 1.1, "loss": 2.5}, "lr": 0.001},
         {"step": 10, "epoch": 0, "split": "validation", **validation},
         {"step": 20, "epoch": 1, "split": "validation", **validation, "summary": 0.125},
+        {"step": 20, "epoch": 1, "split": "test", "checkpoint": "best", **validation, "summary": 0.3125},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3')  # cut short
     (run / "test_metrics.json").write_text(json.dumps({**validation, "summary": 0.3125}))
@@ -80,16 +86,15 @@ def reference_metrics(checkpoint: Path, data_dir: Path) -> dict:
     """evaluation.evaluate on the test split, wired up by hand."""
     model, processor = FusionModel.from_pretrained(checkpoint), FusionProcessor.from_pretrained(checkpoint)
     config = DataConfig(path=str(data_dir))
-    loaded = load_dataset(config.path, config)
+    loaded = load_splits(config.path, config)
     reader = RowReader(processor, model.config.tasks, config, loaded.roots["test"], "test")
     loader = make_loader(FusionDataset(loaded.splits["test"], reader), 3, processor.settings.pad_id, False, 0)
-    return evaluate(model, loader, Accelerator(), model.config.tasks)
+    return evaluate(model, loader, Accelerator(), model.config.tasks)["both"].compute()
 
 
 def test_evaluate_writes_the_metrics_of_evaluation_evaluate(capsys, checkpoint, data_dir, tmp_path):
     output = tmp_path / "out" / "metrics.json"
-    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", output,
-                         "--batch_size", 4)  # fmt: skip
+    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", output, "--batch_size", 4)
     assert code == 0, err
     record = json.loads(output.read_text())
     reference = reference_metrics(checkpoint, data_dir)
@@ -117,8 +122,7 @@ def test_evaluate_writes_the_metrics_of_evaluation_evaluate(capsys, checkpoint, 
 
 def test_evaluate_modality_contribution_table(capsys, checkpoint, data_dir, tmp_path):
     output = tmp_path / "metrics.json"
-    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", output,
-                         "--modalities")  # fmt: skip
+    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", output, "--modalities")
     assert code == 0, err
     record = json.loads(output.read_text())
     assert set(record) >= {"without_image", "without_text"}
@@ -137,8 +141,9 @@ def test_evaluate_unseen_label_raises_or_is_skipped_and_counted(capsys, checkpoi
     assert "Traceback" not in err
 
     output = tmp_path / "skip.json"
-    code, out, err = run(capsys, "evaluate", checkpoint, "--data.path", data, "--data.on_error", "skip",
-                         "--output", output)  # fmt: skip
+    code, out, err = run(
+        capsys, "evaluate", checkpoint, "--data.path", data, "--data.on_error", "skip", "--output", output
+    )
     assert code == 0, err
     record = json.loads(output.read_text())
     assert record["skipped"]["total"] == 1
@@ -253,8 +258,11 @@ def test_inspect_shows_architecture_tasks_parameters_and_run_metrics(capsys, che
     assert "simple_cnn" in out and "lstm" in out and "concat" in out
     assert "3 labels: bird, cat, dog" in out and "3 labels: blue, green, red" in out
     assert "target mean 2, std 3" in out
-    table = {line[:16].strip(): line[16:].split() for line in out.splitlines() if line.startswith(
-        ("image encoder ", "text encoder ", "fusion ", "heads ", "placeholders ", "total "))}  # fmt: skip
+    table = {
+        line[:16].strip(): line[16:].split()
+        for line in out.splitlines()
+        if line.startswith(("image encoder ", "text encoder ", "fusion ", "heads ", "placeholders ", "total "))
+    }
     counts = {name: int(values[0].replace(",", "")) for name, values in table.items() if len(values) == 2}
     assert counts["total"] == model.num_parameters()
     assert counts["image encoder"] == sum(p.numel() for p in model.image_encoder.parameters())

@@ -12,19 +12,10 @@ from helpers import make_imagefolder, make_rows, write_image
 from PIL import Image
 
 from mmfusion.config import DataConfig, TaskSpec
-from mmfusion.data import (
-    Collator,
-    FusionDataset,
-    RowReader,
-    SkipReport,
-    check_columns,
-    check_split,
-    fit_tasks,
-    infer_tasks,
-    load_dataset,
-)
+from mmfusion.data import check_columns, fit_tasks, infer_tasks, load_splits
 from mmfusion.errors import BadInputError, DataError
 from mmfusion.processing import FusionProcessor, train_tokenizer
+from mmfusion.rows import Collator, FusionDataset, RowReader, SkipReport, check_split
 
 
 def _config(path, **overrides) -> DataConfig:
@@ -42,7 +33,7 @@ def _first_images(loaded, config, tasks) -> list[torch.Tensor]:
 def test_imagefolder_layout(tmp_path, metadata):
     make_imagefolder(tmp_path, metadata=metadata)
     config = _config(tmp_path)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     assert sorted(loaded.splits) == ["train", "validation"]
     assert len(loaded.splits["train"]) == 12 and len(loaded.splits["validation"]) == 6
     assert loaded.roots["validation"] == tmp_path / "validation"
@@ -75,7 +66,7 @@ def test_single_file_with_image_column(tmp_path, kind):
     else:
         table.to_parquet(file)
     config = _config(file, val_fraction=0.3)
-    loaded = load_dataset(file, config)
+    loaded = load_splits(file, config)
     assert sorted(loaded.splits) == ["train", "validation"]
     assert len(loaded.splits["train"]) == 7 and len(loaded.splits["validation"]) == 3
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
@@ -88,16 +79,16 @@ def test_directory_of_split_files_and_save_to_disk_and_python_objects(tmp_path):
     table.to_json(tmp_path / "train.jsonl")
     table.select(range(4)).to_json(tmp_path / "validation.jsonl")
     config = _config(tmp_path)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     assert {k: len(v) for k, v in loaded.splits.items()} == {"train": 10, "validation": 4}
 
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": table, "test": table.select(range(3))}).save_to_disk(saved)
-    loaded = load_dataset(saved, _config(saved, image_root=str(tmp_path)))
+    loaded = load_splits(saved, _config(saved, image_root=str(tmp_path)))
     assert {k: len(v) for k, v in loaded.splits.items()} == {"train": 9, "validation": 1, "test": 3}
 
     config = _config("unused", image_root=str(tmp_path))
-    loaded = load_dataset(datasets.DatasetDict({"train": table, "validation": table}), config)
+    loaded = load_splits(datasets.DatasetDict({"train": table, "validation": table}), config)
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
     assert len(_first_images(loaded, config, tasks)) == 2
 
@@ -108,7 +99,7 @@ def test_decoded_image_feature_is_read_through_our_checks(tmp_path):
         row["image"] = str(tmp_path / row["image"])
     table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     config = _config("unused", image_root=str(tmp_path))
-    loaded = load_dataset(datasets.DatasetDict({"train": table, "validation": table}), config)
+    loaded = load_splits(datasets.DatasetDict({"train": table, "validation": table}), config)
     assert isinstance(loaded.splits["train"].features["image"], datasets.Image)
     assert not loaded.splits["train"].features["image"].decode
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
@@ -118,7 +109,7 @@ def test_decoded_image_feature_is_read_through_our_checks(tmp_path):
 def test_streaming(tmp_path):
     make_imagefolder(tmp_path)
     config = _config(tmp_path, streaming=True)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     assert loaded.streaming and isinstance(loaded.splits["train"], datasets.IterableDataset)
     assert len(list(loaded.splits["train"])) == 12
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
@@ -130,16 +121,16 @@ def test_held_out_validation_is_deterministic_and_seeded(tmp_path):
     rows = _table_rows(tmp_path)
     datasets.Dataset.from_list(rows * 5).to_json(tmp_path / "data.jsonl")
     config = _config(tmp_path / "data.jsonl", val_fraction=0.2)
-    first = load_dataset(config.path, config).splits["validation"]["caption"]
-    again = load_dataset(config.path, config).splits["validation"]["caption"]
-    other = load_dataset(config.path, _config(tmp_path / "data.jsonl", val_fraction=0.2, split_seed=1))
+    first = load_splits(config.path, config).splits["validation"]["caption"]
+    again = load_splits(config.path, config).splits["validation"]["caption"]
+    other = load_splits(config.path, _config(tmp_path / "data.jsonl", val_fraction=0.2, split_seed=1))
     assert len(first) == 10 and first == again and first != other.splits["validation"]["caption"]
 
 
 def test_task_inference_from_column_types(tmp_path):
     make_imagefolder(tmp_path)
     config = _config(tmp_path)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     tasks, notes = infer_tasks(loaded.splits["train"], config)
     assert {t.name: t.type for t in tasks} == {"label": "classification", "score": "regression", "tags": "multilabel"}
     assert any("'score' (float64) -> regression" in note for note in notes)
@@ -153,7 +144,7 @@ def test_task_inference_from_column_types(tmp_path):
 def test_column_mapping_and_missing_columns(tmp_path):
     make_imagefolder(tmp_path)
     config = _config(tmp_path, text_column="caption")
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     spec = TaskSpec("colour", column="label")
     fitted = fit_tasks([spec], loaded.splits["train"], config)
     assert fitted[0].name == "colour" and fitted[0].labels == ["blue", "red"]
@@ -167,12 +158,12 @@ def test_column_mapping_and_missing_columns(tmp_path):
 
 def test_missing_path_empty_dir_no_train_split(tmp_path):
     with pytest.raises(DataError, match="data.path does not exist: .*nowhere"):
-        load_dataset(tmp_path / "nowhere", _config(tmp_path / "nowhere"))
+        load_splits(tmp_path / "nowhere", _config(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="no data found"):
-        load_dataset(tmp_path, _config(tmp_path))
+        load_splits(tmp_path, _config(tmp_path))
     make_imagefolder(tmp_path / "d", {"validation": make_rows(3)})
     with pytest.raises(DataError, match=r"no train split; found splits \['validation'\]"):
-        load_dataset(tmp_path / "d", _config(tmp_path / "d"))
+        load_splits(tmp_path / "d", _config(tmp_path / "d"))
 
 
 def test_empty_split(tmp_path):
@@ -180,7 +171,7 @@ def test_empty_split(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "metadata.jsonl").write_text("")
     with pytest.raises(DataError, match="the test split is empty|could not be read"):
-        load_dataset(tmp_path, _config(tmp_path))
+        load_splits(tmp_path, _config(tmp_path))
 
 
 # ----- bad rows -----
@@ -193,7 +184,7 @@ def _checked(tmp_path, mutate, on_error="raise", tasks=None, **config_overrides)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     (tmp_path / "validation" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in public))
     config = _config(tmp_path, on_error=on_error, **config_overrides)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     tasks = fit_tasks(tasks or [TaskSpec("label"), TaskSpec("score", "regression")], loaded.splits["train"], config)
     processor = FusionProcessor(train_tokenizer(["picture"]))
     reader = RowReader(processor, tasks, config, loaded.roots["validation"], "validation")
@@ -210,15 +201,35 @@ def _set(field, value, row=2):
 
 
 BAD_ROWS = {
-    "missing image": (_set("file_name", "gone.png"), r"validation split, row 2, field 'image'.*image file not found", "missing image file"),
-    "path escape": (_set("file_name", "../../etc/passwd"), r"row 2, .*image path '../../etc/passwd' escapes the data directory", "image path outside the data directory"),
-    "absolute path": (_set("file_name", "/etc/hostname"), r"row 2, .*escapes the data directory", "image path outside the data directory"),
+    "missing image": (
+        _set("file_name", "gone.png"),
+        r"validation split, row 2, field 'image'.*image file not found",
+        "missing image file",
+    ),
+    "path escape": (
+        _set("file_name", "../../etc/passwd"),
+        r"row 2, .*image path '../../etc/passwd' escapes the data directory",
+        "image path outside the data directory",
+    ),
+    "absolute path": (
+        _set("file_name", "/etc/hostname"),
+        r"row 2, .*escapes the data directory",
+        "image path outside the data directory",
+    ),
     "empty text": (_set("caption", "   "), r"row 2, field 'caption': text is empty", "empty text"),
     "missing text": (_set("caption", None), r"row 2: field 'caption' is missing", "missing modality"),
-    "unseen label": (_set("label", "green"), r"row 2, field 'label': label 'green' of task 'label' was not seen in training; known labels: \['blue', 'red'\]", "unseen label"),
+    "unseen label": (
+        _set("label", "green"),
+        r"row 2, field 'label': label 'green' of task 'label' was not seen in training; known labels: \['blue', 'red'\]",
+        "unseen label",
+    ),
     "wrong label type": (_set("label", 3.5), r"row 2, field 'label': expected a class label", "wrong field type"),
-    "regression not a number": (_set("score", "high"), r"row 2, field 'score': expected a number for regression task 'score', got 'high'", "wrong field type"),
-}  # fmt: skip
+    "regression not a number": (
+        _set("score", "high"),
+        r"row 2, field 'score': expected a number for regression task 'score', got 'high'",
+        "wrong field type",
+    ),
+}
 
 
 def _corrupt(kind):
@@ -235,11 +246,25 @@ def _corrupt(kind):
     return mutate
 
 
-BAD_ROWS.update({
-    "truncated image": (_corrupt("truncated"), r"row 2, field 'image' \(file .*\): (image is corrupt or truncated|not a readable image)", None),
-    "zero-byte image": (_corrupt("zero"), r"row 2, field 'image' \(file .*\): not a readable image", "unreadable image"),
-    "not an image": (_corrupt("text"), r"row 2, field 'image' \(file .*\): not a readable image", "unreadable image"),
-})  # fmt: skip
+BAD_ROWS.update(
+    {
+        "truncated image": (
+            _corrupt("truncated"),
+            r"row 2, field 'image' \(file .*\): (image is corrupt or truncated|not a readable image)",
+            None,
+        ),
+        "zero-byte image": (
+            _corrupt("zero"),
+            r"row 2, field 'image' \(file .*\): not a readable image",
+            "unreadable image",
+        ),
+        "not an image": (
+            _corrupt("text"),
+            r"row 2, field 'image' \(file .*\): not a readable image",
+            "unreadable image",
+        ),
+    }
+)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
@@ -267,7 +292,7 @@ def test_non_utf8_text(tmp_path):
     path = tmp_path / "train" / "metadata.csv"
     path.write_bytes(path.read_bytes().replace(b"sad picture", b"sad pict\xe9re"))
     config = _config(tmp_path, val_fraction=0.5)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     processor = FusionProcessor(train_tokenizer(["picture"]))
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
     split = datasets.concatenate_datasets([loaded.splits["train"], loaded.splits["validation"]])
@@ -280,14 +305,14 @@ def test_non_utf8_text(tmp_path):
     good = b'{"image": "a.png", "caption": "fine", "label": "x"}\n'
     jsonl.write_bytes(good * 3 + b'{"image": "a.png", "caption": "caf\xe9", "label": "x"}\n')
     with pytest.raises(DataError, match=r"train.jsonl, line 4: not valid UTF-8"):
-        load_dataset(jsonl.parent, _config(jsonl.parent, val_fraction=0.25))
+        load_splits(jsonl.parent, _config(jsonl.parent, val_fraction=0.25))
 
 
 def test_missing_modality_allowed_with_placeholder_policy(tmp_path):
     rows = make_rows(4)
     make_imagefolder(tmp_path, {"train": rows})
     config = _config(tmp_path, missing_modality="placeholder")
-    loaded = load_dataset(tmp_path, _config(tmp_path))
+    loaded = load_splits(tmp_path, _config(tmp_path))
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
     reader = RowReader(FusionProcessor(train_tokenizer(["picture"])), tasks, config, tmp_path / "train", "train", True)
     item = reader.read({"image": None, "caption": "happy picture", "label": "red"}, 0)
@@ -306,7 +331,7 @@ def test_dataset_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     for path in (tmp_path / "train").glob("*.png"):  # textured, so that a crop or flip shows in the pixels
         Image.fromarray(np.random.default_rng(int(path.stem)).integers(0, 256, (64, 64, 3), np.uint8)).save(path)
     config = _config(tmp_path)
-    loaded = load_dataset(tmp_path, config)
+    loaded = load_splits(tmp_path, config)
     tasks = fit_tasks([TaskSpec("label")], loaded.splits["train"], config)
     reader = RowReader(FusionProcessor(train_tokenizer(["picture"])), tasks, config, loaded.roots["train"], "train")
 
@@ -326,11 +351,25 @@ def test_dataset_augmentation_depends_only_on_seed_epoch_index(tmp_path):
 
 def test_collate_pads_to_the_longest_text_and_stacks_label_masks():
     rows = [
-        {"row": 0, "pixel_values": torch.zeros(3, 4, 4), "input_ids": [5, 6, 7], "image_present": True,
-         "text_present": True, "labels": {"t": torch.tensor(1)}, "label_mask": {"t": True}},
-        {"row": 7, "pixel_values": torch.ones(3, 4, 4), "input_ids": [9], "image_present": False,
-         "text_present": True, "labels": {"t": torch.tensor(-1)}, "label_mask": {"t": False}},
-    ]  # fmt: skip
+        {
+            "row": 0,
+            "pixel_values": torch.zeros(3, 4, 4),
+            "input_ids": [5, 6, 7],
+            "image_present": True,
+            "text_present": True,
+            "labels": {"t": torch.tensor(1)},
+            "label_mask": {"t": True},
+        },
+        {
+            "row": 7,
+            "pixel_values": torch.ones(3, 4, 4),
+            "input_ids": [9],
+            "image_present": False,
+            "text_present": True,
+            "labels": {"t": torch.tensor(-1)},
+            "label_mask": {"t": False},
+        },
+    ]
     batch = Collator(pad_id=2)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

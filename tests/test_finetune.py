@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_train import TINY, _records, _run
 
 from mmfusion import FusionModel
-from mmfusion.model import load_compatible, read_config
+from mmfusion.model import load_compatible, read_model_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _new_data(root):
 
 def test_load_compatible_keeps_encoders_fusion_and_unchanged_heads(pretrained):
     source = load_file(pretrained / "model.safetensors")
-    config = read_config(pretrained)
+    config = read_model_config(pretrained)
     old = {t.name: t for t in config.tasks}
     config.tasks = [
         old["score"],
@@ -77,7 +77,7 @@ def test_fine_tune_from_checkpoint_with_a_new_and_a_changed_task(pretrained, tmp
         "3",
         "--model.fusion",
         "gated",
-    ]  # fmt: skip  (ignored: the architecture comes from the checkpoint)
+    ]  # --model.fusion is ignored: the architecture comes from the checkpoint
     assert _run(args) == 0
     printed = capsys.readouterr().out
     assert "re-initialised heads (new or changed tasks): ['label', 'mood']" in printed
@@ -95,6 +95,15 @@ def test_fine_tune_from_checkpoint_with_a_new_and_a_changed_task(pretrained, tmp
 
 def test_init_from_a_missing_checkpoint_names_it(tmp_path, capsys):
     _new_data(tmp_path / "data")
-    code = _run(["--data.path", str(tmp_path / "data"), *TINY, "--train.output_dir", str(tmp_path / "run"),
-                 "--train.init_from", str(tmp_path / "nope")])  # fmt: skip
+    code = _run(
+        [
+            "--data.path",
+            str(tmp_path / "data"),
+            *TINY,
+            "--train.output_dir",
+            str(tmp_path / "run"),
+            "--train.init_from",
+            str(tmp_path / "nope"),
+        ]
+    )
     assert code == 2 and "checkpoint directory not found" in capsys.readouterr().err

@@ -237,8 +237,13 @@ def test_multitask_rejects_a_task_named_summary():
 
 
 def test_summary_is_the_mean_of_each_task_types_primary_metric():
-    specs = [TaskSpec("c", num_labels=2), TaskSpec("m", "multilabel", num_labels=2), TaskSpec("r", "regression"),
-             TaskSpec("p", "matching"), TaskSpec("unlabelled", num_labels=2)]  # fmt: skip
+    specs = [
+        TaskSpec("c", num_labels=2),
+        TaskSpec("m", "multilabel", num_labels=2),
+        TaskSpec("r", "regression"),
+        TaskSpec("p", "matching"),
+        TaskSpec("unlabelled", num_labels=2),
+    ]
     metrics = {
         "c": {"count": 3, "accuracy": 0.1, "macro_f1": 0.2, "auroc": 0.3},
         "m": {"count": 3, "micro_f1": 0.4, "macro_f1": 0.5, "map": 0.6},

@@ -207,9 +207,14 @@ def test_frozen_encoders_get_no_gradient_and_stay_in_eval_mode():
 def test_issue_example_works_as_written(tmp_path):
     from mmfusion import FusionConfig, TaskSpec
 
-    cfg = FusionConfig(image_encoder="simple_cnn", text_encoder="lstm", fusion="gated", dim=128, vocab_size=1000,
-                       tasks=[TaskSpec(name="topic", type="classification", num_labels=3),
-                              TaskSpec(name="score", type="regression")])  # fmt: skip
+    cfg = FusionConfig(
+        image_encoder="simple_cnn",
+        text_encoder="lstm",
+        fusion="gated",
+        dim=128,
+        vocab_size=1000,
+        tasks=[TaskSpec(name="topic", type="classification", num_labels=3), TaskSpec(name="score", type="regression")],
+    )
     model = FusionModel(cfg)
     images, ids, mask = torch.randn(2, 3, 64, 64), torch.randint(1, 1000, (2, 7)), torch.ones(2, 7)
     y, s = torch.tensor([0, 2]), torch.tensor([0.5, 1.5])

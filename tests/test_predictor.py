@@ -15,11 +15,11 @@ from huggingface_hub import constants
 from PIL import Image
 
 from mmfusion import FusionConfig, FusionModel, TaskSpec
-from mmfusion.data import Collator, model_inputs
 from mmfusion.errors import BadInputError, CheckpointError
 from mmfusion.hub import resolve_checkpoint
 from mmfusion.predictor import Predictor
 from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
+from mmfusion.rows import Collator, model_inputs
 
 TOPICS = ["bird", "cat", "dog"]
 TAGS = ["blue", "green", "red"]
@@ -40,8 +40,15 @@ def make_checkpoint(directory: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = train_tokenizer(CAPTIONS, "wordlevel", vocab_size=50)
     processor = FusionProcessor(tokenizer, ProcessorSettings(image_size=16, max_text_length=12))
-    config = FusionConfig(image_widths=[4, 8], image_size=16, text_dim=8, vocab_size=processor.vocab_size,
-                          dim=16, dropout=0.0, tasks=tiny_tasks())  # fmt: skip
+    config = FusionConfig(
+        image_widths=[4, 8],
+        image_size=16,
+        text_dim=8,
+        vocab_size=processor.vocab_size,
+        dim=16,
+        dropout=0.0,
+        tasks=tiny_tasks(),
+    )
     model = FusionModel(config)
     with torch.no_grad():  # make the regression output and the classes clearly distinct from their defaults
         model.heads["score"].output.bias.fill_(0.5)
@@ -79,8 +86,17 @@ def manual_forward(predictor: Predictor, images: list[Path], texts: list[str]):
     rows = []
     for i, (image, text) in enumerate(zip(images, texts)):
         pixels = processor.image_tensor(Image.open(image).convert("RGB"))
-        rows.append({"row": i, "pixel_values": pixels, "input_ids": processor.encode_text(text),
-                     "image_present": True, "text_present": True, "labels": {}, "label_mask": {}})  # fmt: skip
+        rows.append(
+            {
+                "row": i,
+                "pixel_values": pixels,
+                "input_ids": processor.encode_text(text),
+                "image_present": True,
+                "text_present": True,
+                "labels": {},
+                "label_mask": {},
+            }
+        )
     with torch.no_grad():
         return predictor.model(**model_inputs(Collator(processor.settings.pad_id)(rows)))
 

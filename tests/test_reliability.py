@@ -19,9 +19,23 @@ from test_train import ROOT, TINY, _records, _run
 
 from mmfusion.training import checkpoint_dirs, resolve_resume
 
-SLOW = [*TINY, "--train.batch_size", "4", "--train.save_every", "1", "--train.log_every", "1",
-        "--train.eval_every", "25", "--model.dropout", "0.2", "--train.modality_dropout", "0.2",
-        "--data.missing_modality", "placeholder"]  # fmt: skip
+SLOW = [
+    *TINY,
+    "--train.batch_size",
+    "4",
+    "--train.save_every",
+    "1",
+    "--train.log_every",
+    "1",
+    "--train.eval_every",
+    "25",
+    "--model.dropout",
+    "0.2",
+    "--train.modality_dropout",
+    "0.2",
+    "--data.missing_modality",
+    "placeholder",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +80,17 @@ def _final_weights_equal(a: Path, b: Path) -> bool:
 def test_kill_9_five_times_then_resume_ends_bit_identical(data, tmp_path):
     """The default recipe's weighting (GradNorm, which has state) included: every kill lands after a checkpoint
     of the current launch, every relaunch resumes from a step > 0, and the end is bit-identical."""
-    args = ["--data.path", str(data), *SLOW, "--train.max_steps", "40", "--train.keep_checkpoints", "2",
-            "--train.loss_weighting", "gradnorm"]  # fmt: skip
+    args = [
+        "--data.path",
+        str(data),
+        *SLOW,
+        "--train.max_steps",
+        "40",
+        "--train.keep_checkpoints",
+        "2",
+        "--train.loss_weighting",
+        "gradnorm",
+    ]
     straight = tmp_path / "straight"
     assert _run([*args, "--train.output_dir", str(straight)]) == 0
 
@@ -99,10 +122,19 @@ class Killed(BaseException):
 
 
 def test_a_kill_during_the_weighting_state_write_cannot_change_the_resume(data, tmp_path, monkeypatch, capsys):
-    from mmfusion.losses import LossWeighting
+    from mmfusion.weighting import LossWeighting
 
-    args = ["--data.path", str(data), *SLOW, "--train.max_steps", "6", "--train.keep_checkpoints", "9",
-            "--train.loss_weighting", "gradnorm"]  # fmt: skip
+    args = [
+        "--data.path",
+        str(data),
+        *SLOW,
+        "--train.max_steps",
+        "6",
+        "--train.keep_checkpoints",
+        "9",
+        "--train.loss_weighting",
+        "gradnorm",
+    ]
     straight = tmp_path / "straight"
     assert _run([*args, "--train.output_dir", str(straight)]) == 0
 
@@ -146,8 +178,20 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     run = tmp_path / "run"
-    process = _start(["--data.path", str(data), *SLOW, "--train.max_steps", "500", "--train.save_every", "100",
-                      "--train.output_dir", str(run)], tmp_path)  # fmt: skip
+    process = _start(
+        [
+            "--data.path",
+            str(data),
+            *SLOW,
+            "--train.max_steps",
+            "500",
+            "--train.save_every",
+            "100",
+            "--train.output_dir",
+            str(run),
+        ],
+        tmp_path,
+    )
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -160,15 +204,41 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert "received signal 15: saved the training state at step" in out
     step = _steps_saved(run)
     assert 0 < step < 500 and step % 100 != 0  # saved at the signal, not at a save_every boundary
-    resumed = _run(["--data.path", str(data), *SLOW, "--train.max_steps", str(step + 2), "--train.output_dir",
-                    str(run), "--train.resume", "latest"])  # fmt: skip
+    resumed = _run(
+        [
+            "--data.path",
+            str(data),
+            *SLOW,
+            "--train.max_steps",
+            str(step + 2),
+            "--train.output_dir",
+            str(run),
+            "--train.resume",
+            "latest",
+        ]
+    )
     assert resumed == 0 and _records(run, "train")[-1]["step"] == step + 2
 
 
 def test_non_finite_loss_stops_with_step_and_sources_and_keeps_the_last_good_checkpoint(data, tmp_path, capsys):
     run = tmp_path / "run"
-    code = _run(["--data.path", str(data), *SLOW, "--train.lr", "1e12", "--train.max_grad_norm", "0",
-                 "--train.warmup_ratio", "0", "--train.max_steps", "30", "--train.output_dir", str(run)])  # fmt: skip
+    code = _run(
+        [
+            "--data.path",
+            str(data),
+            *SLOW,
+            "--train.lr",
+            "1e12",
+            "--train.max_grad_norm",
+            "0",
+            "--train.warmup_ratio",
+            "0",
+            "--train.max_steps",
+            "30",
+            "--train.output_dir",
+            str(run),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert re.search(

@@ -14,15 +14,37 @@ import tyro
 from helpers import make_imagefolder, make_rows
 
 from mmfusion.errors import InputError
-from mmfusion.report import CONDITIONS, Report, write_report
+from mmfusion.report import CONDITION_NAMES, Report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32",
-        "--train.batch_size", "8", "--train.eval_batch_size", "5", "--train.report", "false", "--train.max_steps", "6",
-        "--train.eval_every", "3", "--train.log_every", "2", "--train.cpu_threads", "1"]  # fmt: skip
+TINY = [
+    "--model.image_widths",
+    "8",
+    "16",
+    "--model.text_dim",
+    "16",
+    "--model.dim",
+    "32",
+    "--model.image_size",
+    "32",
+    "--train.batch_size",
+    "8",
+    "--train.eval_batch_size",
+    "5",
+    "--train.report",
+    "false",
+    "--train.max_steps",
+    "6",
+    "--train.eval_every",
+    "3",
+    "--train.log_every",
+    "2",
+    "--train.cpu_threads",
+    "1",
+]
 FUSIONS = ("gated", "cross_attention")
 DATA_SCRIPT = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
 
@@ -46,8 +68,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """A tiny gated run and a tiny cross-attention run (6 steps, evaluated at 3 and 6), each with its report."""
     root = tmp_path_factory.mktemp("report")
     data = root / "data"
-    make_imagefolder(data, {"train": rows_with_a_coin(24, 0), "validation": rows_with_a_coin(13, 100),
-                            "test": rows_with_a_coin(5, 200)})  # fmt: skip
+    make_imagefolder(
+        data,
+        {"train": rows_with_a_coin(24, 0), "validation": rows_with_a_coin(13, 100), "test": rows_with_a_coin(5, 200)},
+    )
     runs = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HOME", str(root / "hf"))
@@ -82,8 +106,14 @@ def last_per_step(path: Path, split: str) -> list[dict]:
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_figure_is_written_and_embedded(runs, fusion):
     figures = {path.name for path in (runs[fusion] / "report").iterdir()}
-    common = {"training.png", "validation.png", "modality.png", "confusion_label.png", "confusion_coin.png",
-              "errors_coin.png"}  # fmt: skip
+    common = {
+        "training.png",
+        "validation.png",
+        "modality.png",
+        "confusion_label.png",
+        "confusion_coin.png",
+        "errors_coin.png",
+    }
     assert figures >= common | {"gates.png" if fusion == "gated" else "attention.png"}
     assert figures - common <= {"gates.png", "attention.png", "errors_label.png"}
     page = (runs[fusion] / "report.html").read_text()
@@ -133,11 +163,11 @@ def test_modality_table_has_four_finite_columns(runs, fusion):
     table = page_data(runs[fusion])["checkpoint"]["modality"]
     assert set(table) == {"label", "coin", "score", "tags"}
     for values in table.values():
-        assert list(values) == list(CONDITIONS) and all(
+        assert list(values) == list(CONDITION_NAMES) and all(
             v is not None and v == v and abs(v) < 1e9 for v in values.values()
         )
     page = (runs[fusion] / "report.html").read_text()
-    assert all(f"<th>{label}</th>" in page for label in CONDITIONS.values())
+    assert all(f"<th>{label}</th>" in page for label in CONDITION_NAMES.values())
 
 
 def test_a_resumed_run_shows_the_last_record_of_each_step(runs, tmp_path):

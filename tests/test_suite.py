@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfusion.config import load_yaml
-from mmfusion.data import RowReader, check_columns, fit_tasks, infer_tasks, load_dataset
+from mmfusion.data import check_columns, fit_tasks, infer_tasks, load_splits
+from mmfusion.options import load_yaml
 from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
+from mmfusion.rows import RowReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the `suite` package
 
@@ -118,7 +119,7 @@ def test_tasks_yaml_loads_and_mmfusion_reads_the_set(generated, name):
     assert (config.data.path, config.data.text_column) == (str(path), spec.text_column)
     assert config.model.image_size == spec.image_size
     assert [(t.name, t.type) for t in config.tasks] == [(t.name, t.type) for t in spec.tasks]
-    loaded = load_dataset(config.data.path, config.data)
+    loaded = load_splits(config.data.path, config.data)
     assert sorted(loaded.splits) == sorted(SPLITS)
     for split in SPLITS:
         check_columns(loaded.splits[split], split, config.tasks, config.data)

@@ -22,8 +22,23 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from mmfusion.fusions import FUSIONS  # noqa: E402
 
-TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32",
-        "--train.batch_size", "8", "--train.eval_batch_size", "5", "--train.report", "false"]  # fmt: skip
+TINY = [
+    "--model.image_widths",
+    "8",
+    "16",
+    "--model.text_dim",
+    "16",
+    "--model.dim",
+    "32",
+    "--model.image_size",
+    "32",
+    "--train.batch_size",
+    "8",
+    "--train.eval_batch_size",
+    "5",
+    "--train.report",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +71,12 @@ def test_default_recipe_on_the_bundled_data_for_a_few_steps(tmp_path, monkeypatc
     resolved = (out / "config.yaml").read_text()
     assert "configs/default.yaml" in resolved and "fusion: gated" in resolved and "loss_weighting: gradnorm" in resolved
     for name in ("best", "final"):
-        assert {p.name for p in (out / name).iterdir()} >= {"config.json", "model.safetensors", "processor.json",
-                                                            "tokenizer.json"}  # fmt: skip
+        assert {p.name for p in (out / name).iterdir()} >= {
+            "config.json",
+            "model.safetensors",
+            "processor.json",
+            "tokenizer.json",
+        }
     config = json.loads((out / "final" / "config.json").read_text())
     assert {t["name"] for t in config["tasks"]} == {"area", "background", "colors", "match", "tone", "pair"}
     validation = _records(out, "validation")
@@ -80,9 +99,27 @@ def test_tests_use_their_own_hugging_face_cache_and_train_restores_signal_handle
 
 
 def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
-    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "8", "--train.save_every", "3",
-            "--train.keep_checkpoints", "5", "--train.eval_every", "4", "--train.log_every", "1", "--train.modality_dropout", "0.3",
-            "--data.missing_modality", "placeholder", "--model.dropout", "0.2"]  # fmt: skip
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "8",
+        "--train.save_every",
+        "3",
+        "--train.keep_checkpoints",
+        "5",
+        "--train.eval_every",
+        "4",
+        "--train.log_every",
+        "1",
+        "--train.modality_dropout",
+        "0.3",
+        "--data.missing_modality",
+        "placeholder",
+        "--model.dropout",
+        "0.2",
+    ]
     straight = tmp_path / "straight"
     assert _run([*args, "--train.output_dir", str(straight)]) == 0
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_3", "step_6"]
@@ -103,8 +140,21 @@ def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
 
 def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
     out = tmp_path / "run"
-    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "4", "--train.grad_accumulation", "2",
-            "--train.scheduler", "linear", "--train.warmup_ratio", "0.25", "--train.output_dir", str(out)]  # fmt: skip
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "4",
+        "--train.grad_accumulation",
+        "2",
+        "--train.scheduler",
+        "linear",
+        "--train.warmup_ratio",
+        "0.25",
+        "--train.output_dir",
+        str(out),
+    ]
     assert _run(args) == 0
     steps = [r["step"] for r in _records(out, "train")]
     assert steps == [4]  # logged at the last step; 4 optimizer steps from 8 batches
@@ -134,8 +184,8 @@ def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, 
 def test_loader_workers_default_to_zero_on_cpu_and_for_streams_and_four_per_process_on_gpu(monkeypatch):
     from types import SimpleNamespace
 
-    from mmfusion.config import parse_args
-    from mmfusion.training import loader_workers
+    from mmfusion.options import parse_args
+    from mmfusion.rows import loader_workers
 
     def machine(device: str, processes: int = 1):
         return SimpleNamespace(device=torch.device(device), num_processes=processes)
@@ -174,8 +224,19 @@ def test_output_dir_that_is_a_file(tiny_data, tmp_path, capsys):
     assert "--train.output_dir" in capsys.readouterr().err
 
 
-TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+TWO_PROCESSES = [
+    "accelerate",
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def _launch(args: list[str], tmp_path: Path, launcher: list[str], script: Path = ROOT / "train.py"):
@@ -208,8 +269,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         noise = np.random.default_rng(int(path.stem)).integers(-60, 60, (32, 32, 3))
         colour = np.asarray(Image.open(path).resize((32, 32)), dtype=np.int64)
         Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8)).save(path)
-    common = ["--data.path", str(data), *TINY, "--train.max_steps", "6", "--model.dropout", "0",
-              "--data.augment", "false", "--train.eval_every", "6"]  # fmt: skip
+    common = [
+        "--data.path",
+        str(data),
+        *TINY,
+        "--train.max_steps",
+        "6",
+        "--model.dropout",
+        "0",
+        "--data.augment",
+        "false",
+        "--train.eval_every",
+        "6",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
     assert single.returncode == 0, single.stderr[-3000:]
@@ -239,8 +311,19 @@ def test_two_processes_train_and_evaluate_every_fusion_with_sum_and_gradnorm(tin
 @pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"])
 def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, weighting):
     out = tmp_path / "run"
-    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "12", "--train.log_every", "6",
-            "--train.loss_weighting", weighting, "--train.output_dir", str(out)]  # fmt: skip
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "12",
+        "--train.log_every",
+        "6",
+        "--train.loss_weighting",
+        weighting,
+        "--train.output_dir",
+        str(out),
+    ]
     assert _run(args) == 0
     logged = _records(out, "train")
     assert [r["step"] for r in logged] == [6, 12]
@@ -262,8 +345,19 @@ def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):
 def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "2", "--train.log_every", "1",
-            "--train.report_to", "tensorboard", "--train.output_dir", str(out)]  # fmt: skip
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "2",
+        "--train.log_every",
+        "1",
+        "--train.report_to",
+        "tensorboard",
+        "--train.output_dir",
+        str(out),
+    ]
     assert _run(args) == 0
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)

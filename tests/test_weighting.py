@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmfusion import TaskSpec
-from mmfusion.losses import WEIGHTINGS, build_weighting
+from mmfusion.weighting import WEIGHTINGS, build_weighting
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
 ONE_PROCESS = SimpleNamespace(num_processes=1, scaler=None, reduce=lambda x, op: x)
@@ -197,7 +197,7 @@ def test_with_gradient_accumulation_each_micro_batch_is_weighted_by_its_own_grad
     from accelerate import Accelerator
 
     from mmfusion import FusionModel
-    from mmfusion.training import weighted_backward
+    from mmfusion.weighting import weighted_backward
 
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import tiny_batch, tiny_config
@@ -243,8 +243,21 @@ def test_weighting_state_round_trips(tmp_path):
 def test_two_processes_compute_the_same_weights_and_apply_the_same_update(tmp_path):
     script = Path(__file__).with_name("ddp_weighting_check.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path)}
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]  # fmt: skip
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty"):

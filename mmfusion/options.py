@@ -1,0 +1,133 @@
+"""Reading a run configuration: a YAML file, then dotted command-line overrides (`--model.fusion gated`), then
+checks of values that parse but make no sense, each named by its option."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+import tyro
+import yaml
+
+from .config import Config, from_dict
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a YAML config file into a `Config`, naming the file and key of anything invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    values.pop("config", None)
+    return from_dict(Config, values, where=str(path))
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
+    """`--config file.yaml` (optional) then dotted overrides such as `--model.fusion gated`; exits 2 on errors."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    base = Config()
+    path = _option_value(argv, "--config")
+    if path is None and _option_value(argv, "--data.path") is None and DEFAULT_RECIPE.is_file():
+        path = str(DEFAULT_RECIPE)
+    if path is not None:
+        try:
+            base = load_yaml(path)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"{prog}: error: {error}") from None
+        base.config = path
+    config = tyro.cli(
+        Config,
+        default=base,
+        args=_normalise_booleans(argv),
+        prog=prog,
+        use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
+    problems = check_values(config)
+    if problems:
+        raise SystemExit(f"{prog}: error: " + "; ".join(problems))
+    return config
+
+
+BOOLEAN_WORDS = {"true": "True", "yes": "True", "1": "True", "false": "False", "no": "False", "0": "False"}
+
+
+def _boolean_options(cls: type = Config, prefix: str = "--") -> set[str]:
+    options = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if hint is bool:
+            options.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hint):
+            options |= _boolean_options(hint, f"{prefix}{f.name}.")
+    return options
+
+
+def _normalise_booleans(argv: list[str]) -> list[str]:
+    """Accept `--data.augment false` (any case, yes/no, 1/0) as well as tyro's `False`."""
+    booleans = _boolean_options()
+    return [BOOLEAN_WORDS.get(arg.lower(), arg) if i and argv[i - 1] in booleans else arg for i, arg in enumerate(argv)]
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_values(config: Config) -> list[str]:
+    """Values that parse but make no sense, each named by its option."""
+    train, data, model = config.train, config.data, config.model
+    rules = [
+        (train.batch_size > 0, f"--train.batch_size must be > 0, got {train.batch_size}"),
+        (train.eval_batch_size > 0, f"--train.eval_batch_size must be > 0, got {train.eval_batch_size}"),
+        (train.lr > 0, f"--train.lr must be > 0, got {train.lr}"),
+        (train.encoder_lr >= 0, f"--train.encoder_lr must be >= 0, got {train.encoder_lr}"),
+        (
+            train.epochs > 0 or train.max_steps > 0 or train.time_limit > 0,
+            "--train.epochs, --train.max_steps or --train.time_limit must be > 0",
+        ),
+        (train.max_steps >= 0, f"--train.max_steps must be >= 0, got {train.max_steps}"),
+        (train.grad_accumulation >= 1, f"--train.grad_accumulation must be >= 1, got {train.grad_accumulation}"),
+        (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),
+        (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
+        (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
+        (
+            train.freeze_encoders_steps >= 0,
+            f"--train.freeze_encoders_steps must be >= 0, got {train.freeze_encoders_steps}",
+        ),
+        (train.log_every >= 1, f"--train.log_every must be >= 1, got {train.log_every}"),
+        (train.time_limit >= 0, f"--train.time_limit must be >= 0, got {train.time_limit}"),
+        (
+            train.early_stopping_patience >= 0,
+            f"--train.early_stopping_patience must be >= 0, got {train.early_stopping_patience}",
+        ),
+        (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
+        (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
+        (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
+        (data.num_workers is None or data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
+        (
+            not (data.streaming and data.num_workers),
+            "--data.num_workers must be 0 with --data.streaming true: a stream is read in the main process, "
+            "where its row numbers and skipped-row counts are kept",
+        ),
+        (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
+        (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
+        (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
+    ]
+    return [message for ok, message in rules if not ok]

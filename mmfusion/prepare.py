@@ -1,0 +1,138 @@
+"""Data preparation: the splits of a dataset as checked, model-ready datasets, and what was learned on the way.
+
+Training calls `build_splits` (tasks inferred and fitted on train, a processor built or taken from a checkpoint);
+evaluation and the report call `load_split` with a checkpoint's processor and tasks. Both read every split through
+`split_dataset`, so a row is checked the same way everywhere. Nothing here changes the configuration it is given:
+what the data decides for the model (the tasks with their label maps and statistics, the vocabulary size, the
+longest text) comes back in `Prepared`, and the trainer applies it in one visible place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import Config, DataConfig, TaskSpec
+from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
+from .errors import DataError
+from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
+from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_split
+
+
+@dataclass
+class Prepared:
+    """Checked datasets per split, the processor that encodes them, and what the data decided for the model."""
+
+    tasks: list[TaskSpec]
+    processor: FusionProcessor
+    datasets: dict[str, torch.utils.data.Dataset]
+    report: SkipReport
+    notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
+    model_settings: dict[str, Any] = field(default_factory=dict)  # FusionConfig fields the data decided
+
+
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The data options a checkpoint remembers in processor.json, so evaluation and prediction read the same columns
+    the same way without being told again."""
+    return {
+        "image_column": data.image_column,
+        "text_column": data.text_column,
+        "image_root": data.image_root,
+        "missing_modality": data.missing_modality,
+    }
+
+
+def build_processor(config: Config, loaded: LoadedData) -> tuple[FusionProcessor, dict[str, Any]]:
+    """The HF model's tokenizer for `hf`, else a tokenizer trained on the training text; returns the processor and
+    the model settings that follow from it (vocabulary size, longest text)."""
+    model, data = config.model, config.data
+    settings = ProcessorSettings(
+        image_size=model.image_size,
+        max_text_length=data.max_text_length,
+        max_image_pixels=data.max_image_pixels,
+        **data_settings(data),
+    )
+    learned: dict[str, Any] = {"max_text_length": max(model.max_text_length, data.max_text_length)}
+    if model.text_encoder == "hf":
+        tokenizer, settings.pad_id = hf_tokenizer(model.text_model)
+    else:
+        train = loaded.splits["train"]
+        texts = train[data.text_column] if not loaded.streaming else (r[data.text_column] for r in train.take(100_000))
+        tokenizer = train_tokenizer((t for t in texts if isinstance(t, str)), data.tokenizer, model.vocab_size)
+        learned["vocab_size"] = tokenizer.get_vocab_size()
+    return FusionProcessor(tokenizer, settings), learned
+
+
+def split_dataset(
+    loaded: LoadedData,
+    name: str,
+    processor: FusionProcessor,
+    tasks: list[TaskSpec],
+    data: DataConfig,
+    report: SkipReport,
+    augment: bool = False,
+    seed: int = 0,
+    modality_dropout: float = 0.0,
+) -> torch.utils.data.Dataset:
+    """Split `name` as a dataset of model-ready rows: every row checked (bad ones raise, or are skipped and counted
+    in `report`), or, for a stream, checked as it arrives."""
+    allow_missing = data.missing_modality == "placeholder"
+    held_out = name == "validation" and loaded.held_out
+    reader = RowReader(processor, tasks, data, loaded.roots[name], name, allow_missing, held_out)
+    if loaded.streaming:
+        return FusionStream(loaded.splits[name], reader, data.on_error, augment, seed, modality_dropout)
+    rows = check_split(loaded.splits[name], name, reader, report, data.on_error, data.verify_images)
+    return FusionDataset(rows, reader, augment, seed, modality_dropout)
+
+
+def build_splits(
+    config: Config, processor: FusionProcessor | None = None, splits=("train", "validation", "test"), source=None
+) -> Prepared:
+    """For training: load the data (`source`, else `config.data.path`), infer (when not given) and fit the tasks on
+    train, build the processor (unless one is given, e.g. a pretrained checkpoint's), and check every row of the
+    requested splits."""
+    data = config.data
+    loaded = load_splits(data.path if source is None else source, data)
+    tasks, notes = (config.tasks, []) if config.tasks else infer_tasks(loaded.splits["train"], data)
+    present = [name for name in splits if name in loaded.splits]
+    for name in present:
+        check_columns(loaded.splits[name], name, tasks, data)
+    tasks = fit_tasks(tasks, loaded.splits["train"], data)
+    learned: dict[str, Any] = {}
+    if processor is None:
+        processor, learned = build_processor(config, loaded)
+    report = SkipReport()
+    datasets = {
+        name: split_dataset(
+            loaded,
+            name,
+            processor,
+            tasks,
+            data,
+            report,
+            augment=name == "train" and data.augment,
+            seed=config.train.seed,
+            modality_dropout=config.train.modality_dropout if name == "train" else 0.0,
+        )
+        for name in present
+    }
+    return Prepared(tasks, processor, datasets, report, notes, learned)
+
+
+def load_split(
+    data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec]
+) -> tuple[torch.utils.data.Dataset, SkipReport]:
+    """For evaluation: the checked rows of one split, encoded with a checkpoint's processor and label maps (so a
+    label the model never saw is a bad row), and the skip report. Data without a validation split gives the rows
+    that training held out of train as its validation split."""
+    loaded = load_splits(data.path, data, for_training=False)
+    if split == "validation" and split not in loaded.splits and "train" in loaded.splits:
+        loaded = load_splits(data.path, data, for_training=True)  # the rows training held out of train
+    if split not in loaded.splits:
+        raise DataError(f"{data.path}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)")
+    check_columns(loaded.splits[split], split, tasks, data)
+    report = SkipReport()
+    dataset = split_dataset(loaded, split, processor, tasks, data, report)
+    return dataset, dataset.report if isinstance(dataset, FusionStream) else report

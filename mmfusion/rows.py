@@ -1,0 +1,323 @@
+"""One row at a time: checking and encoding rows (RowReader), the datasets that serve them, and batching.
+
+Bad rows follow `data.on_error`: `raise` names the split, row and field; `skip` drops and counts them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, IterableDataset
+
+from .config import DataConfig, TaskSpec
+from .data import ROW_COLUMN
+from .errors import BadInputError, DataError
+from .processing import FusionProcessor, open_image
+
+
+@dataclass
+class SkipReport:
+    """Rows dropped under `on_error: skip`, counted by split and reason, with the first few messages."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    truncated: Counter = field(default_factory=Counter)  # texts cut to max_text_length, by split
+
+    def add(self, split: str, reason: str, message: str) -> None:
+        self.counts[(split, reason)] += 1
+        if len(self.examples) < 10:
+            self.examples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        lines = [f"skipped {self.total} bad rows" if self.total else "no rows skipped"]
+        lines += [f"  {split}: {count} x {reason}" for (split, reason), count in sorted(self.counts.items())]
+        lines += [f"  e.g. {example}" for example in self.examples[:3]]
+        lines += [f"  {split}: {n} texts truncated to max_text_length" for split, n in sorted(self.truncated.items())]
+        return "\n".join(lines)
+
+
+# ----- rows -----
+
+
+@dataclass
+class RowReader:
+    """Turns one raw row into model-ready tensors, or raises BadInputError naming split, row and field."""
+
+    processor: FusionProcessor
+    tasks: list[TaskSpec]
+    config: DataConfig
+    root: Path
+    split: str
+    allow_missing_modality: bool = False
+    held_out: bool = False  # a validation split cut from train: its rows are numbered as in the train data
+
+    def where(self, index: int) -> str:
+        if self.held_out:
+            return f"{self.split} split (held out of the train data), train row {index}"
+        return f"{self.split} split, row {index}"
+
+    def image_path(self, reference: str, where: str) -> Path:
+        """A relative (or absolute) path that must stay inside the data directory."""
+        root = os.path.normpath(os.path.abspath(self.root))
+        resolved = os.path.normpath(os.path.join(root, reference))
+        if os.path.commonpath([root, resolved]) != root:
+            raise BadInputError(f"{where}: image path {reference!r} escapes the data directory {root}")
+        return Path(resolved)
+
+    def load_image(self, value: Any, where: str):
+        if value is None:
+            return None
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+            value = value["path"]
+        if isinstance(value, str):
+            if not value.strip():
+                raise BadInputError(f"{where}: empty image path")
+            value = str(self.image_path(value, where))
+        return open_image(value, self.config.max_image_pixels, where)
+
+    def text(self, value: Any, where: str) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInputError(f"{where}: text is not valid UTF-8") from None
+        if not isinstance(value, str):
+            raise BadInputError(f"{where}: expected text (a string), got {type(value).__name__} {value!r}")
+        if not value.strip():
+            raise BadInputError(f"{where}: text is empty")
+        if "\ufffd" in value:
+            raise BadInputError(f"{where}: text contains undecodable bytes (U+FFFD replacement characters)")
+        return value
+
+    def parse(self, row: dict, index: int, decode_image: bool = True) -> tuple[Any, str | None, dict, dict]:
+        """(image, text, labels, label masks) of one row, or BadInputError naming split, row and field.
+        Without `decode_image` the image is only checked to be present (it is then returned as given)."""
+        where = self.where(index)
+        image_value = row.get(self.config.image_column)
+        image_where = f"{where}, field {self.config.image_column!r}" + _file_hint(image_value)
+        image = self.load_image(image_value, image_where) if decode_image else image_value
+        text = self.text(row.get(self.config.text_column), f"{where}, field {self.config.text_column!r}")
+        if (image is None or text is None) and not self.allow_missing_modality:
+            missing = self.config.image_column if image is None else self.config.text_column
+            raise BadInputError(f"{where}: field {missing!r} is missing (set data.missing_modality: placeholder)")
+        if image is None and text is None:
+            raise BadInputError(f"{where}: both the image and the text are missing")
+        labels, masks = {}, {}
+        for spec in self.tasks:
+            value = row.get(spec.column) if spec.column in row else None
+            labels[spec.name], masks[spec.name] = self.processor.encode_label(
+                spec, value, f"{where}, field {spec.column!r}"
+            )
+        return image, text, labels, masks
+
+    def read(
+        self, row: dict, index: int, epoch: int = 0, augment: bool = False, seed: int = 0, modality_dropout: float = 0.0
+    ) -> dict:
+        """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
+        image, text, labels, masks = self.parse(row, index)
+        image_present, text_present = image is not None, text is not None
+        if modality_dropout > 0 and image_present and text_present:
+            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
+            if draw[0] < modality_dropout:
+                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
+        key = (seed, epoch, index) if augment else None
+        return {
+            "row": index,
+            "pixel_values": self.processor.image_tensor(image, key) if image_present else self.processor.blank_image(),
+            "input_ids": self.processor.encode_text(text) if text_present else [self.processor.settings.pad_id],
+            "image_present": image_present,
+            "text_present": text_present,
+            "labels": labels,
+            "label_mask": masks,
+        }
+
+
+def _file_hint(value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f" (file {path})" if path else ""
+
+
+def _reason(message: str) -> str:
+    """A short category for the skip counts."""
+    for needle, reason in (
+        ("not found", "missing image file"),
+        ("escapes", "image path outside the data directory"),
+        ("decompression bomb", "image too large"),
+        ("corrupt or truncated", "corrupt image"),
+        ("not a readable image", "unreadable image"),
+        ("permission", "unreadable image"),
+        ("not valid UTF-8", "non-UTF-8 text"),
+        ("undecodable", "non-UTF-8 text"),
+        ("text is empty", "empty text"),
+        ("is missing", "missing modality"),
+        ("not seen in training", "unseen label"),
+        ("expected", "wrong field type"),
+        ("not finite", "non-finite target"),
+    ):
+        if needle in message:
+            return reason
+    return "bad row"
+
+
+def check_split(
+    split: Dataset, name: str, reader: RowReader, report: SkipReport, on_error: str, verify_images: bool = True
+) -> Dataset:
+    """Read every row once; return the split without the bad rows (skip) or raise at the first (raise)."""
+    keep = []
+    truncated_before = reader.processor.truncated
+    for index, row in enumerate(split):
+        try:
+            _, text, _, _ = reader.parse(row, row.get(ROW_COLUMN, index), decode_image=verify_images)
+            if text is not None:
+                reader.processor.encode_text(text)  # counts truncations
+        except BadInputError as error:
+            if on_error == "raise":
+                raise
+            report.add(name, _reason(str(error)), str(error))
+            continue
+        keep.append(index)
+    if reader.processor.truncated > truncated_before:
+        report.truncated[name] += reader.processor.truncated - truncated_before
+    if not keep:
+        raise DataError(f"the {name} split has no usable rows ({report.summary()})")
+    if len(keep) == len(split):
+        return split
+    if ROW_COLUMN not in split.column_names:  # rows keep their original numbers
+        split = split.add_column(ROW_COLUMN, list(range(len(split))))
+    return split.select(keep)
+
+
+class FusionDataset(torch.utils.data.Dataset):
+    """Map-style dataset over checked rows; `set_epoch` changes the augmentation draw."""
+
+    def __init__(
+        self, split: Dataset, reader: RowReader, augment: bool = False, seed: int = 0, modality_dropout: float = 0.0
+    ) -> None:
+        self.split, self.reader, self.augment, self.seed = split, reader, augment, seed
+        self.modality_dropout = modality_dropout
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.split[int(index)]
+        number = row.get(ROW_COLUMN, int(index))
+        return self.reader.read(row, number, self.epoch, self.augment, self.seed, self.modality_dropout)
+
+    def describe(self, number: int) -> str:
+        """Where row `number` (as in error messages and batch["row"]) comes from."""
+        rows = self.split[ROW_COLUMN] if ROW_COLUMN in self.split.column_names else None
+        row = self.split[rows.index(number) if rows is not None else number]
+        image = row.get(self.reader.config.image_column)
+        return f"{self.reader.split} row {number}" + _file_hint(image)
+
+
+class FusionStream(torch.utils.data.IterableDataset):
+    """A streamed split: rows are checked as they arrive; bad ones raise or are skipped and counted."""
+
+    def __init__(
+        self,
+        split: IterableDataset,
+        reader: RowReader,
+        on_error: str,
+        augment: bool = False,
+        seed: int = 0,
+        modality_dropout: float = 0.0,
+    ) -> None:
+        self.split, self.reader, self.on_error = split, reader, on_error
+        self.augment, self.seed, self.modality_dropout = augment, seed, modality_dropout
+        self.epoch = 0
+        self.report = SkipReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        stream = self.split.shuffle(seed=self.seed + self.epoch, buffer_size=1000) if self.augment else self.split
+        for index, row in enumerate(stream):
+            try:
+                yield self.reader.read(row, index, self.epoch, self.augment, self.seed, self.modality_dropout)
+            except BadInputError as error:
+                if self.on_error == "raise":
+                    raise
+                self.report.add(self.reader.split, _reason(str(error)), str(error))
+
+
+@dataclass
+class Collator:
+    """Stacks rows into a batch: texts padded to the longest in the batch, labels with per-sample masks."""
+
+    pad_id: int = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        length = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
+            attention_mask[i, : len(row["input_ids"])] = 1 if row["text_present"] else 0
+        tasks = rows[0]["labels"].keys()
+        return {
+            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_present": torch.tensor([row["image_present"] for row in rows]),
+            "text_present": torch.tensor([row["text_present"] for row in rows]),
+            "labels": {task: torch.stack([row["labels"][task] for row in rows]) for task in tasks},
+            "label_mask": {task: torch.tensor([row["label_mask"][task] for row in rows]) for task in tasks},
+            "row": torch.tensor([row["row"] for row in rows]),
+        }
+
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
+
+
+def model_inputs(batch: dict, without: tuple[str, ...] = ()) -> dict:
+    """The batch entries that `FusionModel.forward` takes besides labels; each modality in `without` ("image",
+    "text") is marked absent in every row (the model then uses its learned placeholder)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    for modality in without:
+        inputs[f"{modality}_present"] = torch.zeros_like(inputs[f"{modality}_present"])
+    return inputs
+
+
+def loader_workers(data: DataConfig, accelerator) -> int:
+    """`--data.num_workers`, or when unset: 4 per process on a CUDA device (at most the CPUs this process may use,
+    shared among the machine's processes); 0 on CPU, where a worker takes a core from the model
+    (benchmarks/data_throughput.py measures both); 0 for a stream, which is read in the main process."""
+    if data.num_workers is not None:
+        return data.num_workers
+    if data.streaming or accelerator.device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return min(4, cpus // max(1, local_processes))
+
+
+def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and not isinstance(dataset, torch.utils.data.IterableDataset),
+        collate_fn=Collator(pad_id),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers are re-created each epoch and so see the dataset's new epoch
+        prefetch_factor=4 if workers else None,
+    )
