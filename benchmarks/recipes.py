@@ -9,9 +9,10 @@ Recipes are YAML files: `configs/baseline_seed.yaml` (`seed`) and `benchmarks/re
 empty, i.e. the dataclass defaults. A run trains `train.py --config MERGED` where MERGED is the set's tasks.yaml
 (data, image size, tasks) with the recipe's options on top; tasks a recipe lists are added to the set's (e.g. an
 auxiliary matching task). `single` trains the default recipe on each task of a set alone (same time limit), the
-baselines of delta-m. Each finished run is a line of `--runs` (JSON Lines, with its resolved configuration's
-fingerprint, the load average at its start and end); runs already there are reused, so an interrupted study
-continues where it stopped and an edited recipe runs again.
+baselines of delta-m (none for tasks whose ceiling in results/suite_ceilings.json is below 0.05). Each finished
+run is a line of `--runs` (JSON Lines, with its resolved configuration's fingerprint and the load average at its
+start and end); runs already there are reused, so an interrupted study continues where it stopped and an edited
+recipe runs again.
 
 Writes benchmarks/results/recipes.json and recipes.md: per set and task the test primary metric (mean and sample
 std over seeds); per recipe the mean normalised score (each task's metric divided by the best recipe mean on it,
@@ -39,8 +40,9 @@ import yaml
 from common import RESULTS, ROOT, environment
 from suite import SETS, generate
 
-from mmfusion.config import TaskSpec, parse_args
+from mmfusion.config import TaskSpec
 from mmfusion.metrics import PRIMARY_METRIC, delta_m
+from mmfusion.options import parse_args
 
 RECIPES = {
     "default": ROOT / "benchmarks" / "recipes" / "default.yaml",
@@ -51,7 +53,9 @@ RECIPES = {
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
-"""Tasks whose best recipe mean is below this are left out of normalised scores and delta-m."""
+"""Tasks whose best recipe mean is below this are left out of normalised scores and delta-m (and tasks whose
+measured ceiling is, e.g. glyphs' `pair`, get no single-task model)."""
+CEILINGS = json.loads((RESULTS / "suite_ceilings.json").read_text())["sets"]
 SET_KEYS = (("data", "path"), ("data", "text_column"), ("model", "image_size"))
 """What a set's tasks.yaml decides and a recipe may not change."""
 
@@ -103,7 +107,8 @@ class Study:
             if recipe == "single":
                 default = yaml.safe_load(RECIPES["default"].read_text()) or {}
                 for task in set_yaml["tasks"]:
-                    variants[f"single: {task['name']}"] = merged_config(set_yaml, default, [task])
+                    if CEILINGS[name]["tasks"][task["name"]]["perfect"] >= NEAR_ZERO:
+                        variants[f"single: {task['name']}"] = merged_config(set_yaml, default, [task])
             else:
                 variants[recipe] = merged_config(set_yaml, yaml.safe_load(RECIPES[recipe].read_text()) or {})
         runs = []
@@ -155,6 +160,7 @@ class Study:
         validation = [r for r in records if r["split"] == "validation"]
         best = max(validation, key=lambda r: r["summary"])
         steps = max(r["step"] for r in records)
+        events = [r for r in records if r["split"] == "event"]
         train_records = [r for r in records if r["split"] == "train"]
         run = {
             "set": plan["set"],
@@ -170,6 +176,8 @@ class Study:
             "wall_s": round(wall_s, 1),
             "steps": steps,
             "s_per_step": train_records[-1]["elapsed_s"] / train_records[-1]["step"],
+            "stopped_by": [e["event"] for e in events if e["event"] != "time_limit_plan"],
+            "planned_steps": [e["planned_steps"] for e in events if e["event"] == "time_limit_plan"],
             "load_start": [round(x, 2) for x in load_start],
             "load_end": [round(x, 2) for x in load_end],
         }
@@ -368,7 +376,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only-sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--only-recipes", nargs="+", choices=[*RECIPES, "single"], default=[*RECIPES, "single"])
-    parser.add_argument("--jobs", type=int, default=2, choices=[1, 2], help="training runs at once")
+    parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="training runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--train.cpu_threads)")
     parser.add_argument(
         "--suite", type=Path, default=ROOT / "runs" / "suite", help="where the suite's sets are (generated if not)"

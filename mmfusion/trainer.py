@@ -38,6 +38,7 @@ from .training import (
     aux_scale,
     build_optimizer,
     build_scheduler,
+    epochs_for,
     load_training_state,
     resolve_resume,
     seed_step,
@@ -160,11 +161,16 @@ def _as_config(config: Config | dict | str | Path) -> Config:
 
 def resolve_config(config: Config, prepared: Prepared, init: Path | None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
-    size, longest text) and, with init_from, the pretrained checkpoint's architecture; written to config.yaml."""
+    size, longest text, the number of epochs when it follows the data size) and, with init_from, the pretrained
+    checkpoint's architecture; written to config.yaml."""
     model = config.model
     tasks = prepared.tasks
     if init:
         source = read_model_config(init)
         model, tasks = dataclasses.replace(source, tasks=[]), reuse_tasks(tasks, source.tasks)
     model = dataclasses.replace(model, **prepared.model_settings)
-    return dataclasses.replace(config, model=model, tasks=tasks)
+    train = config.train
+    rows = prepared.datasets["train"]
+    if not (train.epochs or train.max_steps or train.time_limit) and hasattr(rows, "__len__"):
+        train = dataclasses.replace(train, epochs=epochs_for(len(rows)))
+    return dataclasses.replace(config, model=model, tasks=tasks, train=train)
