@@ -200,6 +200,21 @@ class Study:
         return run
 
 
+def interleaved(plans: list[dict]) -> list[dict]:
+    """Seed by seed, set by set, the variants in an order rotated from one set to the next: the load of this shared
+    machine drifts over hours, and a time limit turns load into fewer steps, so no recipe should always run first
+    or last, or have all its runs in one stretch."""
+    groups = {}
+    for plan in plans:
+        groups.setdefault((plan["seed"], plan["set"]), []).append(plan)
+    ordered = []
+    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], list(SETS).index(k[1])))):
+        group = groups[key]
+        shift = index % len(group)
+        ordered += group[shift:] + group[:shift]
+    return ordered
+
+
 def primary(task: str, run: dict) -> str:
     spec = next(t for t in run["config"]["tasks"] if t["name"] == task)
     return PRIMARY_METRIC[spec.get("type", "classification")][0]
@@ -377,7 +392,7 @@ def main() -> None:
     parser.add_argument("--only-sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--only-recipes", nargs="+", choices=[*RECIPES, "single"], default=[*RECIPES, "single"])
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="training runs at once")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (--train.cpu_threads)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (--train.cpu_threads; 0: cores)")
     parser.add_argument(
         "--suite", type=Path, default=ROOT / "runs" / "suite", help="where the suite's sets are (generated if not)"
     )
@@ -395,7 +410,7 @@ def main() -> None:
         plans += study.plan(name, set_yaml)
     if not options.summarise:
         with ThreadPoolExecutor(options.jobs) as pool:
-            list(pool.map(study.run, plans))
+            list(pool.map(study.run, interleaved(plans)))
     wanted = {(p["set"], p["recipe"], p["seed"], p["fingerprint"]) for p in plans}
     runs = [run for key, run in study.finished.items() if key in wanted]
     recipes = [r for r in RECIPES if r in options.only_recipes]
