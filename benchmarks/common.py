@@ -60,7 +60,8 @@ def best_seconds(step, repeats: int, device: torch.device) -> float:
 
 
 def train_run(args: list[str], output_dir: Path) -> dict:
-    """Run train.py in a fresh process; return its best validation record, time to reach it, and step time."""
+    """Run train.py in a fresh process; return its best validation record (best/ is chosen on validation), best/'s
+    test metrics (what tables report), the time to reach best, and the step time."""
     import subprocess
     import sys
     import time
@@ -78,13 +79,16 @@ def train_run(args: list[str], output_dir: Path) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"train.py failed ({' '.join(args)}):\n{result.stderr[-3000:]}")
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    validation = [r for r in records if r["split"] == "validation"]
-    best = max(validation, key=lambda r: r["summary"])
-    train = [r for r in records if r["split"] == "train"]
+    sys.path.insert(0, str(ROOT))
+    from mmfusion.runlog import best_record, read_history, read_run_config
+
+    history = read_history(output_dir)
+    best = best_record(history.validation, read_run_config(output_dir).train.best_metric)
+    train = history.train
     steps = train[-1]["step"]
     return {
         "best": best,
+        "test": history.test,
         "time_to_best_s": best["elapsed_s"],
         "wall_s": time.perf_counter() - start,
         "steps": steps,
@@ -93,6 +97,37 @@ def train_run(args: list[str], output_dir: Path) -> dict:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
     import statistics
 
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def timed_train(command: list[str], output_dir: Path) -> dict:
+    """Run a train.py command line (its output directory set to `output_dir`) from the repository root; return its
+    wall clock, the run's metrics.jsonl history and the machine's load average before and after."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from mmfusion.runlog import read_history
+
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    result = subprocess.run([*command, "--train.output_dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return {
+        "wall_s": round(wall, 1),
+        "history": read_history(output_dir),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def without_bookkeeping(record: dict) -> dict:
+    """A metrics.jsonl record's metrics alone."""
+    return {k: v for k, v in record.items() if k not in ("step", "epoch", "split", "elapsed_s", "checkpoint")}

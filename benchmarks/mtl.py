@@ -5,8 +5,9 @@ carry its `pair` matching task; single-task and deep-supervision models sum thei
 
     python benchmarks/mtl.py [--epochs 3] [--seeds 0 1 2] [--only sum pcgrad ...] [--fusion bilinear]
 
-delta-m is the mean over tasks of the relative change of the task's validation metrics against its single-task
-model, signed so that higher is better (in %). Writes benchmarks/results/mtl_FUSION.json and mtl_FUSION.md, then
+Every model is reported by its best checkpoint (chosen on validation) on the test split; delta-m is the mean over
+tasks of the relative change of the task's test metrics against its single-task model, signed so that higher is
+better (in %); std is the sample std over seeds. Writes benchmarks/results/mtl_FUSION.json and mtl_FUSION.md, then
 mtl.json and mtl.md, which gather every fusion benchmarked so far.
 """
 
@@ -23,6 +24,7 @@ from common import RESULTS, ROOT, mean_std, train_run, write_result
 
 from mmfusion.config import TaskSpec
 from mmfusion.metrics import delta_m
+from mmfusion.weighting import WEIGHTINGS
 
 TASKS = [
     TaskSpec("area", "regression"),
@@ -32,7 +34,6 @@ TASKS = [
     TaskSpec("tone", "classification"),
 ]
 PRIMARY = {"area": "r2", "background": "macro_f1", "colors": "map", "match": "macro_f1", "tone": "macro_f1"}
-WEIGHTINGS = ["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
 def recipe() -> dict:
@@ -95,7 +96,7 @@ def main() -> None:
                     with options.runs.open("a") as runs:
                         runs.write(json.dumps({"name": variant, "seed": seed, "epochs": options.epochs, **run}) + "\n")
                 results[variant].append(run)
-                summary, step_s = run["best"]["summary"], run["train_s_per_step"]
+                summary, step_s = run["test"]["summary"], run["train_s_per_step"]
                 print(f"{variant} seed {seed}: summary {summary:.3f}, {step_s:.3f} s/step", flush=True)
     rows = summarise(results, options.seeds)
     table = markdown(rows)
@@ -123,25 +124,27 @@ def read_runs(path: Path, epochs: int) -> dict[tuple[str, int], dict]:
     if not path.exists():
         return {}
     runs = [json.loads(line) for line in path.read_text().splitlines()]
-    return {(r.pop("name"), r.pop("seed")): r for r in runs if r.pop("epochs") == epochs}
+    # runs recorded before test metrics were (validation only) are run again
+    return {(r.pop("name"), r.pop("seed")): r for r in runs if r.pop("epochs") == epochs and "test" in r}
 
 
 def summarise(results: dict[str, list[dict]], seeds: list[int]) -> dict:
-    """Per variant: each task's primary metric (mean, std), delta-m against the single-task models, s/step."""
-    baselines = [{t.name: results[f"single: {t.name}"][i]["best"][t.name] for t in TASKS} for i in range(len(seeds))]
+    """Per variant: each task's primary test metric (mean, sample std), delta-m against the single-task models,
+    s/step."""
+    baselines = [{t.name: results[f"single: {t.name}"][i]["test"][t.name] for t in TASKS} for i in range(len(seeds))]
     rows = {}
     for name, runs in results.items():
         row = {}
         for task, metric in PRIMARY.items():
-            values = [r["best"][task][metric] for r in runs if task in r["best"]]
+            values = [r["test"][task][metric] for r in runs if task in r["test"]]
             row[task] = mean_std(values) if values else None
         if not name.startswith("single"):
             # seed i of the shared model against seed i of the single-task models
-            row["delta_m"] = mean_std([delta_m(r["best"], baselines[i], TASKS) for i, r in enumerate(runs)])
+            row["delta_m"] = mean_std([delta_m(r["test"], baselines[i], TASKS) for i, r in enumerate(runs)])
             # the single-task `match` model stays at chance, which dominates delta-m; this one leaves it out
             others = [t for t in TASKS if t.name != "match"]
             row["delta_m_without_match"] = mean_std(
-                [delta_m(r["best"], baselines[i], others) for i, r in enumerate(runs)]
+                [delta_m(r["test"], baselines[i], others) for i, r in enumerate(runs)]
             )
         row["s_per_step"] = statistics.median(r["train_s_per_step"] for r in runs)  # robust to a run slowed by load
         rows[name] = row

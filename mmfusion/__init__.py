@@ -2,28 +2,36 @@
 
 __version__ = "0.2.0"
 
-from .config import Config, DataConfig, FusionConfig, TaskSpec, TrainConfig  # noqa: E402
-from .data import load_splits  # noqa: E402
-from .fusions import FusedOutput  # noqa: E402
-from .layers import EncoderOutput  # noqa: E402
-from .model import FusionModel, FusionOutput  # noqa: E402
-from .predictor import Predictor  # noqa: E402
-from .processing import FusionProcessor  # noqa: E402
-from .trainer import Run, train  # noqa: E402
+import importlib  # noqa: E402
 
-__all__ = [
-    "Config",
-    "DataConfig",
-    "EncoderOutput",
-    "FusedOutput",
-    "FusionConfig",
-    "FusionModel",
-    "FusionOutput",
-    "FusionProcessor",
-    "Predictor",
-    "TaskSpec",
-    "Run",
-    "TrainConfig",
-    "load_splits",
-    "train",
-]
+from .config import Config, DataConfig, FusionConfig, TaskSpec, TrainConfig  # noqa: E402
+
+# Names whose modules import torch, datasets or pandas: loaded on first use, so `import mmfusion` (and every
+# command's --help) starts without them.
+_LAZY = {
+    "EncoderOutput": "layers",
+    "FusedOutput": "fusions",
+    "FusionModel": "model",
+    "FusionOutput": "model",
+    "FusionProcessor": "processing",
+    "Predictor": "predictor",
+    "Run": "loop",
+    "evaluate": "predictor",
+    "load_splits": "data",
+    "train": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["Config", "DataConfig", "FusionConfig", "TaskSpec", "TrainConfig", *_LAZY]

@@ -51,8 +51,8 @@ def model_card(config: Config, sizes: dict[str, int], validation: dict | None, t
         "",
         "## Architecture",
         "",
-        f"- image encoder: {model.image_encoder} at {model.image_size} px"
-        + (f" (weights from {model.image_weights})" if model.image_weights else ""),
+        f"- image encoder: {model.image_encoder}{f' ({model.image_model})' if model.image_model else ''}"
+        f" at {model.image_size} px" + (f" (weights from {model.image_weights})" if model.image_weights else ""),
         f"- text encoder: {text_encoder}, pooling {model.text_pooling}",
         f"- fusion: {model.fusion}, width {model.dim}, {model.fusion_layers} layers",
         "",

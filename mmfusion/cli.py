@@ -1,46 +1,41 @@
-"""`mmfusion` console script: evaluate a checkpoint on labelled data, predict with it, inspect it.
+"""`mmfusion` console script: evaluate a checkpoint on labelled data, predict with it, inspect, report, export and
+serve it.
 
     mmfusion evaluate runs/mine/best --data.path my_data/ --split test --output metrics.json
     mmfusion predict runs/mine/best --image cat.jpg --text "a photo of a cat"
     mmfusion predict runs/mine/best --input rows.jsonl --output predictions.jsonl
     mmfusion inspect runs/mine/best
     mmfusion report runs/mine
+    mmfusion export runs/mine/best --format onnx --output exported/
+    mmfusion serve runs/mine/best --port 8000
 
 CHECKPOINT is a directory written by train.py (`output_dir/best`, `output_dir/final`) or a Hugging Face Hub model
 id. Bad input (a missing file, an unseen label, a bad option value) prints `mmfusion <command>: error: <message>`
-and exits with code 2.
+and exits with code 2. Heavy libraries (torch, datasets, accelerate) are imported when a command runs, so --help
+answers at once.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
-from .config import Config, DataConfig, FusionConfig, TaskSpec
-from .data import SPLIT_ALIASES
+from .config import Config, DataConfig
 from .errors import BadInputError, DataError, InputError
-from .evaluation import MODALITY_CONDITIONS, evaluate
 from .files import write_text
-from .hub import resolve_checkpoint
-from .metrics import PRIMARY_METRIC
-from .model import MODEL_CONFIG_NAME, FusionModel
 from .options import check_values
-from .predictor import Predictor, label_names
-from .prepare import load_split
-from .processing import FusionProcessor, ProcessorSettings
-from .report import Report
-from .rows import SkipReport, loader_workers, make_loader
-from .runlog import RUN_CONFIG_NAME, best_record, describe_model, metrics_line, read_history, read_run_config
 
 Checkpoint = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
-SHOWN_SCORES = 10  # classes listed per task in a human-readable prediction
+
+
+def _positive(option: str, value: int) -> list[str]:
+    return [] if value > 0 else [f"{option} must be > 0, got {value}"]
 
 
 # ----- evaluate -----
@@ -61,12 +56,16 @@ class Evaluate:
     """Rows per batch."""
     modalities: bool = False
     """Also evaluate with the image removed and with the text removed (the modality-contribution table)."""
-
     given: tyro.conf.Suppress[frozenset[str]] = frozenset()
     """The options given on the command line (set by `main`): they override the checkpoint's data settings."""
 
     def run(self) -> int:
-        from accelerate import Accelerator
+        from .data import SPLIT_ALIASES
+        from .evaluation import MODALITY_CONDITIONS, checkpoint_data_config, evaluate_checkpoint
+        from .formatting import evaluation_record, format_contributions, format_metrics
+        from .hub import resolve_checkpoint
+        from .model import FusionModel
+        from .processing import FusionProcessor
 
         problems = check_values(Config(data=self.data)) + _positive("--batch_size", self.batch_size)
         if problems:
@@ -77,98 +76,21 @@ class Evaluate:
         data = checkpoint_data_config(self.data, processor.settings, self.given)
         tasks = model.config.tasks
         split = SPLIT_ALIASES.get(self.split, self.split)
-        dataset, report = load_split(data, split, processor, tasks)
-        accelerator = Accelerator()
-        loader = make_loader(
-            dataset, self.batch_size, processor.settings.pad_id, False, loader_workers(data, accelerator)
-        )
-        model, loader = accelerator.prepare(model, loader)
         conditions = MODALITY_CONDITIONS if self.modalities else ("both",)
-        results = evaluate(model, loader, accelerator, tasks, conditions)
-        metrics = {condition: results[condition].compute() for condition in conditions}
-        matrices = results["both"].confusion_matrices()
-        if not accelerator.is_main_process:
+        result = evaluate_checkpoint(model, processor, data, split, self.batch_size, conditions)
+        if not result.main_process:
             return 0
-        print(f"{checkpoint} on the {split} split of {data.path}: {report.summary()}\n")
-        print(format_metrics(metrics["both"], tasks, matrices))
+        print(f"{checkpoint} on the {split} split of {data.path}: {result.report.summary()}\n")
+        print(format_metrics(result.metrics, tasks, result.confusion_matrices))
         if self.modalities:
-            print("\n" + format_contributions(metrics, tasks))
+            print("\n" + format_contributions({"both": result.metrics, **result.conditions}, tasks))
         if self.output:
-            record = evaluation_record(str(checkpoint), split, metrics["both"], tasks, matrices, report)
-            record.update({condition: values for condition, values in metrics.items() if condition != "both"})
+            matrices = result.confusion_matrices
+            record = evaluation_record(str(checkpoint), split, result.metrics, tasks, matrices, result.report)
+            record.update(result.conditions)
             write_text(Path(self.output), json.dumps(record, indent=2) + "\n")
             print(f"\nwrote {self.output}")
         return 0
-
-
-def checkpoint_data_config(data: DataConfig, settings: ProcessorSettings, given: frozenset[str]) -> DataConfig:
-    """The data options as the checkpoint was trained with them (its column names, image root and missing-modality
-    policy), except those given on the command line."""
-    remembered = {
-        name: getattr(settings, name)
-        for name in ("image_column", "text_column", "image_root", "missing_modality")
-        if f"--data.{name}" not in given
-    }
-    return dataclasses.replace(data, **remembered)
-
-
-def format_contributions(table: dict[str, dict], tasks: list[TaskSpec]) -> str:
-    """Each task's primary metric with both modalities, without the image and without the text."""
-    lines = [f"{'task (primary metric)':<32}" + "".join(f"{name:>16}" for name in table)]
-    for spec in tasks:
-        metric = PRIMARY_METRIC[spec.type][0]
-        values = [table[name].get(spec.name, {}).get(metric) for name in table]
-        cells = "".join(f"{v:>16.4f}" if v is not None else f"{'-':>16}" for v in values)
-        lines.append(f"{f'{spec.name} ({metric})':<32}{cells}")
-    return "\n".join(lines)
-
-
-def _positive(option: str, value: int) -> list[str]:
-    return [] if value > 0 else [f"{option} must be > 0, got {value}"]
-
-
-def format_metrics(metrics: dict, tasks: list[TaskSpec], matrices: dict[str, list[list[int]]]) -> str:
-    """Each task's metrics, one per line, then its confusion matrix (classification), then the summary."""
-    lines = []
-    for spec in tasks:
-        values = metrics[spec.name]
-        lines.append(f"{spec.name} ({spec.type}, {values['count']} labelled rows)")
-        lines += [f"  {name:<16} {value:.4f}" for name, value in values.items() if name != "count"]
-        if spec.name in matrices:
-            lines.append("  confusion matrix (rows: true label, columns: predicted label)")
-            lines += ["  " + line for line in format_matrix(label_names(spec), matrices[spec.name])]
-        lines.append("")
-    lines.append(f"summary (mean primary metric): {metrics['summary']:.4f}")
-    return "\n".join(lines)
-
-
-def format_matrix(labels: list[str], matrix: list[list[int]]) -> list[str]:
-    """A count table with the label names as row and column headers."""
-    names = [label[:12] for label in labels]
-    width = max(len(str(count)) for row in matrix for count in row)
-    width = max(width, *(len(name) for name in names))
-    header = " " * (width + 1) + " ".join(f"{name:>{width}}" for name in names)
-    rows = [f"{name:>{width}} " + " ".join(f"{count:>{width}}" for count in row) for name, row in zip(names, matrix)]
-    return [header, *rows]
-
-
-def evaluation_record(
-    checkpoint: str, split: str, metrics: dict, tasks: list[TaskSpec], matrices: dict, report: SkipReport
-) -> dict:
-    """What --output holds: metrics, labelled confusion matrices, skipped rows by reason, checkpoint and split."""
-    names = {spec.name: label_names(spec) for spec in tasks}
-    return {
-        "checkpoint": checkpoint,
-        "split": split,
-        "metrics": metrics,
-        "confusion_matrices": {task: {"labels": names[task], "matrix": m} for task, m in matrices.items()},
-        "skipped": {
-            "total": report.total,
-            "by_reason": {reason: count for (_, reason), count in sorted(report.counts.items())},
-            "examples": report.examples,
-        },
-        "truncated_texts": sum(report.truncated.values()),
-    }
 
 
 # ----- predict -----
@@ -198,6 +120,9 @@ class Predict:
     """Rows per batch."""
 
     def run(self) -> int:
+        from .formatting import format_prediction
+        from .predictor import Predictor
+
         single = self.image is not None or self.text is not None
         if single == (self.input is not None):
             raise InputError("give --image and/or --text for one prediction, or --input FILE for many")
@@ -264,28 +189,6 @@ def _json_row(line: str, path: Path, number: int) -> dict | None:
     return row
 
 
-def format_prediction(prediction: dict[str, dict], tasks: list[TaskSpec]) -> str:
-    """One block per task: the predicted label(s) or value, then the most likely classes with their probability."""
-    lines = []
-    for spec in tasks:
-        result = prediction[spec.name]
-        if spec.type == "regression":
-            lines.append(f"{spec.name}: {result['value']:.4g}")
-            continue
-        if spec.type == "matching":
-            score = "n/a (image or text missing)" if result["score"] is None else f"{result['score']:.4f}"
-            lines.append(f"{spec.name}: image-text similarity {score}")
-            continue
-        chosen = result["label"] if spec.type == "classification" else ", ".join(result["labels"]) or "(none)"
-        lines.append(f"{spec.name}: {chosen}")
-        ranked = sorted(result["scores"].items(), key=lambda item: -item[1])
-        width = max(len(name) for name, _ in ranked[:SHOWN_SCORES])
-        lines += [f"    {name:<{width}}  {p:.3f}" for name, p in ranked[:SHOWN_SCORES]]
-        if len(ranked) > SHOWN_SCORES:
-            lines.append(f"    ... {len(ranked) - SHOWN_SCORES} more")
-    return "\n".join(lines)
-
-
 # ----- inspect -----
 
 
@@ -297,6 +200,11 @@ class Inspect:
     """Checkpoint directory (e.g. runs/mine/best) or Hugging Face Hub model id."""
 
     def run(self) -> int:
+        from .formatting import describe_architecture, describe_run, describe_tasks, parameter_table
+        from .hub import resolve_checkpoint
+        from .model import MODEL_CONFIG_NAME, FusionModel
+        from .processing import FusionProcessor
+
         checkpoint = resolve_checkpoint(self.checkpoint)
         model = FusionModel.from_pretrained(checkpoint)
         processor = FusionProcessor.from_pretrained(checkpoint)
@@ -311,75 +219,130 @@ class Inspect:
         return 0
 
 
-def describe_architecture(config: FusionConfig, processor: FusionProcessor) -> list[str]:
-    """The model's parts (runlog.describe_model) with what the processor adds: input size, vocabulary, text length."""
-    settings = processor.settings
-    inputs = {
-        "image encoder": f", {settings.image_size}x{settings.image_size} input",
-        "text encoder": f", vocabulary {processor.vocab_size}, up to {settings.max_text_length} tokens",
-    }
-    parts = [(part, text) for part, text in describe_model(config) if part != "tasks"]
-    return [f"{part:<14} {text}{inputs.get(part, '')}" for part, text in parts]
+# ----- report -----
+
+RunDir = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
 
 
-def describe_tasks(tasks: list[TaskSpec]) -> list[str]:
-    """Each task's type, column and labels (regression: the target statistics)."""
-    lines = [f"tasks ({len(tasks)})"]
-    for spec in tasks:
-        if spec.type == "regression":
-            detail = f"target mean {spec.target_mean:.4g}, std {spec.target_std:.4g}"
-        elif spec.type == "matching":
-            detail = "image-text similarity"
-        else:
-            detail = f"{spec.out_features} labels: {', '.join(label_names(spec))}"
-        lines.append(f"  {spec.name:<16} {spec.type:<15} column {spec.column!r}: {detail}")
-    return lines
+@dataclass
+class Report:
+    """report.html of a training run: curves, validation metrics, confusion matrices, modality contributions,
+    gate values or attention maps, and the most confident errors (figures also in RUN_DIR/report/)."""
 
+    run_dir: RunDir
+    """Training output directory (train.output_dir) with config.yaml and metrics.jsonl."""
+    checkpoint: str = "best"
+    """Checkpoint subdirectory of RUN_DIR to re-evaluate on the validation split (best or final)."""
+    data_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
+    """The run's data, when it is no longer at config.yaml's data.path."""
+    batch_size: Annotated[int | None, tyro.conf.arg(metavar="INT")] = None
+    """Rows per batch of the re-evaluation (default: the run's eval_batch_size, so its numbers match the log's)."""
 
-def parameter_table(model: FusionModel) -> list[str]:
-    """Total and trainable parameters of each part of the model and of the whole."""
-    parts = {
-        "image encoder": list(model.image_encoder.parameters()),
-        "text encoder": list(model.text_encoder.parameters()),
-        "fusion": list(model.fusion.parameters()),
-        "heads": [*model.heads.parameters(), *model.aux_heads.parameters()],
-        "placeholders": list(model.placeholders.parameters()),
-        "total": list(model.parameters()),
-    }
-    lines = [f"{'parameters':<16} {'total':>14} {'trainable':>14}"]
-    for name, parameters in parts.items():
-        total = sum(p.numel() for p in parameters)
-        trainable = sum(p.numel() for p in parameters if p.requires_grad)
-        lines.append(f"{name:<16} {total:>14,} {trainable:>14,}")
-    return lines
+    def run(self) -> int:
+        from .report import FIGURE_DIR, write_report
 
-
-def describe_run(run_dir: Path) -> list[str]:
-    """The training run's last logged losses, last and best validation, and test metrics, when its files are there."""
-    try:
-        history = read_history(run_dir)
-    except InputError:
-        return []
-    best_metric = read_run_config(run_dir).train.best_metric if (run_dir / RUN_CONFIG_NAME).is_file() else "summary"
-    lines = []
-    if history.train:
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in history.train[-1].get("losses", {}).items())
-        lines.append(f"  last training log (step {history.train[-1]['step']}): {losses}")
-    if history.validation:
-        best = best_record(history.validation, best_metric)
-        lines.append(
-            f"  last validation (step {history.validation[-1]['step']}): {metrics_line(history.validation[-1])}"
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise InputError(f"--batch_size must be > 0, got {self.batch_size}")
+        page = write_report(
+            Path(self.run_dir), checkpoint=self.checkpoint, data_path=self.data_path, batch_size=self.batch_size
         )
-        if best:
-            lines.append(f"  best validation {best_metric} (step {best['step']}): {metrics_line(best)}")
-    if history.test:
-        lines.append(f"  test (best checkpoint): {metrics_line(history.test)}")
-    return [f"training run {run_dir}", *lines] if lines else []
+        print(f"wrote {page} (figures in {page.parent / FIGURE_DIR})")
+        return 0
+
+
+# ----- export -----
+
+
+@dataclass
+class Export:
+    """Write a checkpoint's model as an ONNX graph, with its config and processor files beside it, and check it
+    against torch on a test batch (see mmfusion/export.py for the graph's inputs and outputs)."""
+
+    checkpoint: Checkpoint
+    """Checkpoint directory (e.g. runs/mine/best) or Hugging Face Hub model id."""
+    output: Annotated[str, tyro.conf.arg(metavar="DIR")]
+    """Directory for model.onnx, config.json, processor.json and tokenizer.json."""
+    format: Literal["onnx"] = "onnx"
+    """Export format."""
+    opset: int = 17
+    """ONNX opset version."""
+
+    def run(self) -> int:
+        from .export import export_onnx
+
+        exported = export_onnx(self.checkpoint, self.output, self.opset)
+        print(f"wrote {exported.path} with config.json, processor.json and tokenizer.json beside it")
+        print(f"largest |onnxruntime - torch| on a check batch: {exported.max_difference:.2e}")
+        return 0
+
+
+# ----- serve -----
+
+
+@dataclass
+class Serve:
+    """An HTTP server for predictions (FastAPI under uvicorn): POST /predict, GET /health, GET /model (see
+    mmfusion/serve.py for the request formats)."""
+
+    checkpoint: Checkpoint
+    """Checkpoint directory (e.g. runs/mine/best), Hugging Face Hub model id, or with --backend onnx a directory
+    written by mmfusion export."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port to listen on."""
+    backend: Literal["torch", "onnx"] = "torch"
+    """Run the model with torch, or the exported graph with onnxruntime."""
+    image_root: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
+    """Directory that JSON requests may name images in (image_path); without it, paths are refused."""
+    max_batch: int = 32
+    """Most inputs of concurrent requests run in one forward pass."""
+    max_wait_ms: float = 5.0
+    """How long the first input of a batch waits for others to join it."""
+    max_image_bytes: int = 10_000_000
+    """Largest accepted image file."""
+    max_image_pixels: int = 25_000_000
+    """Largest accepted image area (width x height)."""
+    max_text_chars: int = 10_000
+    """Longest accepted text."""
+
+    def run(self) -> int:
+        sizes = {
+            "--port": self.port,
+            "--max_batch": self.max_batch,
+            "--max_image_bytes": self.max_image_bytes,
+            "--max_image_pixels": self.max_image_pixels,
+            "--max_text_chars": self.max_text_chars,
+        }
+        problems = [problem for option, value in sizes.items() for problem in _positive(option, value)]
+        if self.max_wait_ms < 0:
+            problems.append(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.image_root and not Path(self.image_root).is_dir():
+            problems.append(f"--image_root {self.image_root} is not a directory")
+        if problems:
+            raise InputError("; ".join(problems))
+        import uvicorn
+
+        from .hub import resolve_checkpoint
+        from .predictor import Predictor
+        from .serve import create_app
+
+        checkpoint = str(resolve_checkpoint(self.checkpoint))
+        predictor = Predictor.from_pretrained(checkpoint, backend=self.backend)
+        uvicorn.run(create_app(predictor, self, checkpoint, self.backend), host=self.host, port=self.port)
+        return 0
 
 
 # ----- entry point -----
 
-COMMANDS = {"evaluate": Evaluate, "predict": Predict, "inspect": Inspect, "report": Report}
+COMMANDS = {
+    "evaluate": Evaluate,
+    "predict": Predict,
+    "inspect": Inspect,
+    "report": Report,
+    "export": Export,
+    "serve": Serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

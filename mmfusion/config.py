@@ -27,6 +27,8 @@ ImageEncoderName = Literal[
     "efficientnet_b0",
     "convnext_tiny",
     "vit_b_16",
+    "timm",
+    "hf",
 ]
 TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
 FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
@@ -103,24 +105,42 @@ class FusionConfig:
 
     image_encoder: ImageEncoderName = "simple_cnn"
     """From scratch: simple_cnn (plain conv stages, `image_widths`), or the residual CNNs cnn_small / cnn_base
-    (GroupNorm, four downsampling stages); or a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0,
-    convnext_tiny, vit_b_16."""
+    (GroupNorm, four downsampling stages); a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0,
+    convnext_tiny, vit_b_16; timm (any timm architecture, --model.image_model) or hf (a transformers vision model,
+    --model.image_model)."""
+    image_model: str | None = None
+    """timm: an architecture name (resnet50: random weights unless --model.image_weights; resnet50.a1_in1k: that
+    pretrained tag), hf-hub:timm/NAME, or a local directory with config.json and weights. hf: a local path or Hub id
+    (ViT, DeiT, DINOv2, ConvNeXt, Swin, the vision tower of CLIP/SigLIP). Hub ids are read from the Hub cache."""
+    pretrained: str | None = None
+    """clip:PATH_OR_ID: both encoders from one CLIP/SigLIP model (any transformers model with vision_model and
+    text_model), with its tokenizer and image processor; matching tasks start from its projections and temperature.
+    Sets image_encoder and text_encoder to hf, image_model and text_model to the model, text_pooling to pooler."""
     image_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     """simple_cnn: channels of each conv stage (the number of entries is the depth)."""
     image_weights: str | None = None
-    """Local file with pretrained torchvision weights (safetensors or a state dict); nothing is downloaded."""
-    image_size: int = 64
-    """Input image side in pixels (vit_b_16 needs it; the processor resizes to it)."""
+    """Local file with pretrained torchvision or timm weights (safetensors or a state dict); nothing is downloaded."""
+    image_size: int | None = None
+    """Input image side in pixels; the processor resizes to it. Unset: timm and hf encoders take their own input
+    size (the model's data config or image processor), the others 64."""
     image_pooling: Literal["mean", "max"] = "mean"
-    """CNN feature map to one vector: mean, or max (better at small objects); ViTs use their class token."""
+    """simple_cnn and torchvision CNNs: feature map to one vector by mean, or max (better at small objects).
+    torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
+    image_lora_rank: int = 0
+    """timm and hf image encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off);
+    they train at --train.encoder_lr."""
+    image_lora_targets: list[str] | None = None
+    """Modules that get image LoRA adapters (peft target_modules names). Unset: the attention projections
+    (q_proj/k_proj/v_proj, query/key/value, qkv); for CNNs, every convolution (not depthwise) and linear layer."""
     text_encoder: TextEncoderName = "lstm"
     """lstm, gru, transformer (from scratch) or hf (a Hugging Face transformers encoder)."""
     text_model: str | None = None
     """hf: local path or Hub id of the transformers model."""
-    text_pooling: Literal["mean", "cls"] = "mean"
-    """How token features become one vector: masked mean or the first token."""
+    text_pooling: Literal["mean", "cls", "pooler"] = "mean"
+    """How token features become one vector: masked mean, the first token, or (hf) the model's own pooled output
+    (CLIP: the end-of-text token; SigLIP: its head)."""
     text_dim: int = 128
     """lstm/gru/transformer: hidden width (per direction for RNNs)."""
     text_layers: int = 1
@@ -135,6 +155,16 @@ class FusionConfig:
     """transformer: longest text (number of position embeddings)."""
     freeze_text: bool = False
     """Keep the text encoder's weights fixed."""
+    text_lora_rank: int = 0
+    """hf text encoders: train LoRA adapters of this rank (peft) instead of the encoder's weights (0: off)."""
+    text_lora_targets: list[str] | None = None
+    """Modules that get text LoRA adapters (peft target_modules names). Unset: the attention projections."""
+    lora_save: Literal["separate", "merged"] = "separate"
+    """Checkpoints of LoRA models: adapters kept as their own tensors (the model reloads with them, trainable), or
+    merged into the encoder weights (a plain model: no adapters, faster inference). Both load with from_pretrained."""
+    gradient_checkpointing: bool = False
+    """timm and hf encoders: recompute activations in the backward pass instead of storing them (less memory, about
+    a third more compute)."""
     fusion: FusionName = "concat"
     """concat, gated, cross_attention, film, bilinear or late."""
     dim: int = 128
@@ -152,6 +182,9 @@ class FusionConfig:
     trainer builds the model with them (`Config.model_config()`)."""
     text_model_config: tyro.conf.Suppress[dict[str, Any] | None] = None
     """hf: the transformers config, stored so a checkpoint rebuilds without the original model files."""
+    image_model_config: tyro.conf.Suppress[dict[str, Any] | None] = None
+    """timm and hf: the architecture (timm: name, model_args, pretrained_cfg; hf: the transformers config), stored so
+    a checkpoint rebuilds without the original model files."""
 
     def __post_init__(self) -> None:
         self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in self.tasks]
@@ -221,6 +254,16 @@ class DataConfig:
     so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores, and for streams."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels are rejected as possible decompression bombs."""
+    image_mean: list[float] | None = None
+    """Per-channel normalisation mean. Unset: the timm/hf encoder's own (data config or image processor), else
+    ImageNet's."""
+    image_std: list[float] | None = None
+    """Per-channel normalisation standard deviation; unset as for image_mean."""
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] | None = None
+    """Resampling filter of the resize. Unset: the timm/hf encoder's own, else bilinear."""
+    crop_pct: float | None = None
+    """Share of the resized image kept by the center crop (0.875: resize to size/0.875, crop the center). Unset: the
+    timm/hf encoder's own, else 1 (the whole image squashed to a square)."""
 
 
 @dataclass
@@ -247,7 +290,8 @@ class TrainConfig:
     lr: float = 2e-3
     """Learning rate of the new parts (fusion, heads, encoders trained from scratch)."""
     encoder_lr: float = 5e-5
-    """Learning rate of pretrained encoders (those loaded from weights)."""
+    """Learning rate of pretrained encoders (those loaded from weights), their LoRA adapters, and the matching heads
+    of a --model.pretrained dual encoder."""
     weight_decay: float = 0.01
     """AdamW weight decay (never applied to norms and biases)."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -285,6 +329,13 @@ class TrainConfig:
     tasks are loaded; new or changed tasks get fresh heads."""
     freeze_encoders_steps: int = 0
     """Keep the pretrained encoders fixed (learning rate 0) for the first N steps, while new heads settle."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay of pretrained encoders: a parameter k blocks below the top trains at
+    encoder_lr * layer_decay^k (embeddings lowest). 1: every layer at encoder_lr; 0.65-0.9 is usual for ViTs."""
+    cache_features: bool | None = None
+    """Compute the encoders' outputs once per row (no image augmentation), store them on disk ($MMFUSION_CACHE,
+    default ~/.cache/mmfusion, keyed by the data, the processor and the encoder weights) and train only the fusion
+    and heads. Unset: on when both encoders are frozen; true also freezes both encoders."""
     cpu_threads: int = 0
     """Torch threads per process on CPU (0: the physical cores shared among the local processes; accelerate launch
     would otherwise leave one)."""

@@ -1,8 +1,9 @@
 """Finding and loading the splits of a dataset with Hugging Face `datasets`, and the tasks its columns hold.
 
 Accepted: a directory in imagefolder layout (`{split}/metadata.jsonl|csv` with `file_name`), a directory of
-`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, or a
-`datasets.Dataset` / `DatasetDict`. Images may be paths relative to the data file, bytes, or decoded images.
+`{split}.csv|jsonl|parquet` files, a single CSV / JSON Lines / parquet file, a `save_to_disk` directory, a
+`datasets.Dataset` / `DatasetDict`, or a pandas DataFrame / dict of DataFrames per split. Images may be paths
+relative to the data file, bytes, or decoded images.
 Rows are checked and read in rows.py; prepare.py puts the two together.
 """
 
@@ -14,7 +15,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -22,7 +23,11 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from .config import DataConfig, TaskSpec
 from .errors import DataError
+from .frames import frames_kind, to_datasets
 from .processing import as_number
+
+if TYPE_CHECKING:
+    import pandas
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
@@ -36,27 +41,32 @@ class LoadedData:
     """Raw splits plus, for each, the directory that relative image paths start from."""
 
     splits: dict[str, Dataset | IterableDataset]
-    roots: dict[str, Path]
+    roots: dict[str, Path | None]
     source: str
     held_out: bool = False  # validation was held out of train (its rows keep their numbers in the train data)
 
     @property
     def streaming(self) -> bool:
-        return isinstance(self.splits["train"], IterableDataset)
+        return any(isinstance(split, IterableDataset) for split in self.splits.values())
 
 
 # ----- loading -----
 
 
 def load_splits(
-    source: str | os.PathLike | Dataset | DatasetDict, config: DataConfig, for_training: bool = True
+    source: str | os.PathLike | Dataset | DatasetDict | pandas.DataFrame | dict[str, pandas.DataFrame],
+    config: DataConfig,
+    for_training: bool = True,
 ) -> LoadedData:
     """Read the splits of `source`. For training there must be a train split, and without a validation split
-    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are."""
+    `val_fraction` of train is held out (seeded); for evaluation the splits are taken as they are.
+    A pandas DataFrame is the train split, a dict of DataFrames names its splits (see `frames.to_datasets`)."""
+    name = frames_kind(source)
+    source = to_datasets(source, config.image_column)
     if isinstance(source, (Dataset, DatasetDict, IterableDataset, IterableDatasetDict)):
         splits = dict(source) if isinstance(source, (DatasetDict, IterableDatasetDict)) else {"train": source}
-        root = Path(config.image_root or ".")
-        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=type(source).__name__)
+        root = Path(config.image_root) if config.image_root else None  # built in Python: paths as the user gave
+        loaded = LoadedData(splits, dict.fromkeys(splits, root), source=name or type(source).__name__)
     else:
         loaded = _load_path(Path(source), config)
     loaded.splits = {SPLIT_ALIASES.get(name, name): split for name, split in loaded.splits.items()}

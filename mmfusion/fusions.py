@@ -49,7 +49,10 @@ def read_outs(depths: list[int] | None, depth: int, in_features: int, dim: int) 
 
 
 class Fusion(nn.Module):
-    """Base of the fusions: one constructor signature, so building any of them is a registry lookup."""
+    """Base of the fusions: one constructor signature, so building any of them is a registry lookup. `reads_tokens`
+    says whether a fusion reads token features or only the pooled vectors (all a feature cache then holds)."""
+
+    reads_tokens = False
 
     @classmethod
     def from_config(cls, config: FusionConfig, in_dims: dict[str, int]) -> Fusion:
@@ -149,6 +152,8 @@ class FiLMFusion(Fusion):
             gammas.append(gamma.squeeze(1))
         return FusedOutput(features=layers[-1], layers=layers, extras={"film_gamma": gammas})
 
+    reads_tokens = True
+
     @classmethod
     def options(cls, config: FusionConfig) -> dict:
         return {"readouts": config.readout_depths()}
@@ -195,6 +200,8 @@ class CrossAttentionFusion(Fusion):
                 text_to_image.append(weights)
         extras = {"text_to_image_attention": text_to_image} if output_attentions else {}
         return FusedOutput(features=layers[-1], layers=layers, extras=extras)
+
+    reads_tokens = True
 
     @classmethod
     def options(cls, config: FusionConfig) -> dict:

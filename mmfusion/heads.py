@@ -38,16 +38,26 @@ class TaskHead(nn.Module):
 
 
 class MatchingHead(nn.Module):
-    """Image-text contrastive head: cosine similarities scaled by a learned temperature."""
+    """Image-text contrastive head: cosine similarities scaled by a learned temperature.
 
-    def __init__(self, image_dim: int, text_dim: int, dim: int) -> None:
+    `dual=True` is the head of a pretrained dual encoder (CLIP, SigLIP), started from its projections and
+    temperature (`pretrained.init_matching_head`): it also has SigLIP's logit bias (0 for CLIP) and keeps the
+    source's temperature as it is (no clamp), so its logits are the source model's."""
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int, dual: bool = False) -> None:
         super().__init__()
         self.image = nn.Linear(image_dim, dim)
         self.text = nn.Linear(text_dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.zeros(())) if dual else None
 
     @classmethod
     def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int]) -> MatchingHead:
+        """A dual encoder's matching head has the source model's matching width; others the fusion's."""
+        from .pretrained import dual_source, matching_dim
+
+        if dual_source(config):
+            return cls(in_dims["image"], in_dims["text"], matching_dim(config, in_dims), dual=True)
         return cls(in_dims["image"], in_dims["text"], config.dim)
 
     def embed(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +65,8 @@ class MatchingHead(nn.Module):
 
     def similarity(self, image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
         """[B, B] logits: row i scores image i against every text."""
+        if self.logit_bias is not None:
+            return self.logit_scale.exp() * image_embedding @ text_embedding.T + self.logit_bias
         return self.logit_scale.clamp(max=math.log(100)).exp() * image_embedding @ text_embedding.T
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,14 @@ from torch import nn
 
 @dataclass
 class EncoderOutput:
-    """What every encoder returns: one vector per sample and a sequence of token features with its mask."""
+    """What every encoder returns: one vector per sample and a sequence of token features with its mask.
+    Image encoders also give the (height, width) grid their tokens came from (row-major), so a feature map can be
+    rebuilt as tokens.transpose(1, 2).view(B, D, *grid)."""
 
     pooled: torch.Tensor  # [B, D]
     tokens: torch.Tensor  # [B, T, D]
     mask: torch.Tensor  # [B, T] bool, True = real token
+    grid: tuple[int, int] | None = None  # image tokens: (H, W) with H * W = T; None for text
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .adapters import merged_lora_state
 from .config import FusionConfig, TaskSpec
 from .errors import CheckpointError
 from .files import atomic_directory
@@ -27,6 +28,7 @@ from .heads import build_head
 from .image_encoders import build_image_encoder
 from .layers import EncoderOutput
 from .losses import default_label_mask, task_loss
+from .pretrained import dual_source, init_matching_head, resolve_pretrained
 from .text_encoders import build_text_encoder
 
 MODEL_CONFIG_NAME = "config.json"
@@ -43,15 +45,21 @@ class FusionOutput:
 
 
 class FusionModel(nn.Module):
-    """Multimodal fusion model; see `FusionConfig` for every option."""
+    """Multimodal fusion model; see `FusionConfig` for every option.
 
-    def __init__(self, config: FusionConfig) -> None:
+    The encoders start from their pretrained weights (`encoder_weights=False`: the architecture alone, as
+    `from_pretrained` builds it before loading a checkpoint's weights). A config not yet resolved (trainer.py
+    resolves it once) is resolved here (`pretrained.resolve_pretrained`), so `self.config` always rebuilds the
+    model without the original files."""
+
+    def __init__(self, config: FusionConfig, encoder_weights: bool = True) -> None:
         super().__init__()
         if not config.tasks:
             raise ValueError("FusionConfig.tasks is empty: give at least one TaskSpec")
+        config = resolve_pretrained(config)
         self.config = config
-        self.image_encoder = build_image_encoder(config)
-        self.text_encoder = build_text_encoder(config)
+        self.image_encoder = build_image_encoder(config, encoder_weights)
+        self.text_encoder = build_text_encoder(config, encoder_weights)
         in_dims = {"image": self.image_encoder.out_dim, "text": self.text_encoder.out_dim}
         self.fusion = build_fusion(config, in_dims)
         # Learned stand-ins for an absent modality (a row with no image or no text).
@@ -65,11 +73,24 @@ class FusionModel(nn.Module):
                 self.aux_heads[spec.name] = nn.ModuleDict(
                     {str(d): build_head(spec, config, in_dims) for d in depths[:-1]}
                 )
+        dual = dual_source(config)
+        if dual and encoder_weights:
+            self._init_matching_heads(dual)
         self.aux_scale = 1.0  # multiplies every deep-supervision weight; the trainer may schedule it
         self.channels_last = False  # see use_channels_last
         self.use_channels_last()
         for encoder, frozen in ((self.image_encoder, config.freeze_image), (self.text_encoder, config.freeze_text)):
-            encoder.requires_grad_(not frozen)
+            if frozen:  # (LoRA adapters, when there are, are the only trainable part of their encoder)
+                encoder.requires_grad_(False)
+
+    def _init_matching_heads(self, source: str) -> None:
+        """Matching heads of a dual encoder start from its projections, temperature and bias (zero-shot scores)."""
+        from transformers import AutoModel
+
+        dual_model = AutoModel.from_pretrained(source)
+        for spec in self.config.tasks:
+            if spec.type == "matching":
+                init_matching_head(self.heads[spec.name], dual_model)
 
     def use_channels_last(self, enabled: bool = True) -> FusionModel:
         """NHWC memory layout for a CNN image encoder, on by default: faster convolutions on GPUs (1.3-1.5x in
@@ -103,25 +124,41 @@ class FusionModel(nn.Module):
         pooled = torch.where(keep, encoded.pooled, placeholder)
         first = torch.zeros_like(encoded.mask)
         first[:, 0] = True
-        mask = torch.where(keep, encoded.mask, first)
+        mask = (encoded.mask & keep) | (first & ~keep)  # bool logic, not where: onnxruntime has no bool Where
         tokens = torch.where(keep.unsqueeze(-1), encoded.tokens, placeholder * first.unsqueeze(-1))
-        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask, grid=encoded.grid)
 
-    def encode(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_present: torch.Tensor | None = None,
-        text_present: torch.Tensor | None = None,
+    def encoder_outputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, EncoderOutput]:
+        """What the two encoders return for a batch, before absent modalities are replaced (the feature cache
+        stores these)."""
         attention_mask = attention_mask.clone()
         attention_mask[:, 0] = 1  # an empty (absent) text still gets one position, so attention is never empty
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        image = self._fill_absent("image", self.image_encoder(pixel_values), image_present)
-        text = self._fill_absent("text", self.text_encoder(input_ids, attention_mask), text_present)
-        return {"image": image, "text": text}
+        return {"image": self.image_encoder(pixel_values), "text": self.text_encoder(input_ids, attention_mask)}
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_present: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        features: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, EncoderOutput]:
+        """Encoder outputs with absent modalities replaced by their placeholders; `features` are precomputed
+        encoder outputs ({"image"|"text": {"pooled", "tokens", "mask"}}, from the feature cache) used instead of
+        running the encoders."""
+        if features is None:
+            encoded = self.encoder_outputs(pixel_values, input_ids, attention_mask)
+        else:
+            encoded = {name: EncoderOutput(**features[name]) for name in ("image", "text")}
+        return {
+            "image": self._fill_absent("image", encoded["image"], image_present),
+            "text": self._fill_absent("text", encoded["text"], text_present),
+        }
 
     def _head_logits(self, head: nn.Module, fused: FusedOutput, depth: int) -> torch.Tensor:
         if fused.branches is None:
@@ -130,16 +167,18 @@ class FusionModel(nn.Module):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         labels: dict[str, torch.Tensor] | None = None,
         label_mask: dict[str, torch.Tensor] | None = None,
         image_present: torch.Tensor | None = None,
         text_present: torch.Tensor | None = None,
         output_attentions: bool = False,
+        features: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> FusionOutput:
-        encoded = self.encode(pixel_values, input_ids, attention_mask, image_present, text_present)
+        """Images and texts in (or, with `features`, the encoders' cached outputs instead: see `encode`)."""
+        encoded = self.encode(pixel_values, input_ids, attention_mask, image_present, text_present, features)
         fused = self.fusion(encoded, output_attentions=output_attentions)
         logits, embeddings = {}, {}
         for spec in self.config.tasks:
@@ -183,12 +222,17 @@ class FusionModel(nn.Module):
     # ----- checkpoints -----
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors atomically (a temporary directory, then a rename)."""
+        """Write config.json + model.safetensors atomically (a temporary directory, then a rename). With
+        `lora_save: merged`, LoRA adapters are folded into the encoder weights and the checkpoint is a plain model."""
         directory = Path(directory)
+        config, state = self.config, self.state_dict()
+        if config.lora_save == "merged" and (config.image_lora_rank or config.text_lora_rank):
+            state = merged_lora_state(self, state)
+            config = dataclasses.replace(config, image_lora_rank=0, text_lora_rank=0)
         with atomic_directory(directory) as staging:
-            config = {"mmfusion_version": __version__, "architecture": "FusionModel", **self.config.to_dict()}
-            (staging / MODEL_CONFIG_NAME).write_text(json.dumps(config, indent=2))
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            values = {"mmfusion_version": __version__, "architecture": "FusionModel", **config.to_dict()}
+            (staging / MODEL_CONFIG_NAME).write_text(json.dumps(values, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "mmfusion_version": __version__})
         return directory
 
@@ -199,7 +243,7 @@ class FusionModel(nn.Module):
         from .hub import resolve_checkpoint
 
         directory = resolve_checkpoint(str(directory))
-        model = cls(read_model_config(directory))
+        model = cls(read_model_config(directory), encoder_weights=False)
         state = without_unread_readouts(read_weights(directory), model.state_dict())
         problems = state_dict_mismatch(model.state_dict(), state)
         if problems:

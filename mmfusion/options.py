@@ -68,7 +68,7 @@ def _boolean_options(cls: type = Config, prefix: str = "--") -> set[str]:
     options = set()
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             options.add(prefix + f.name)
         elif dataclasses.is_dataclass(hint):
             options |= _boolean_options(hint, f"{prefix}{f.name}.")
@@ -125,6 +125,47 @@ def check_values(config: Config) -> list[str]:
         ),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
-        (model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
+        (model.image_size is None or model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
+        (
+            model.image_encoder not in ("timm", "hf") or model.image_model or model.pretrained,
+            f"--model.image_encoder {model.image_encoder} needs --model.image_model (a name, path or Hub id)",
+        ),
+        (
+            model.pretrained is None or model.pretrained.startswith("clip:") and len(model.pretrained) > 5,
+            f"--model.pretrained must be clip:PATH_OR_ID, got {model.pretrained!r}",
+        ),
+        (
+            model.text_pooling != "pooler" or model.text_encoder == "hf" or model.pretrained,
+            "--model.text_pooling pooler needs an hf text encoder (its model's own pooled output)",
+        ),
+        (model.image_lora_rank >= 0, f"--model.image_lora_rank must be >= 0, got {model.image_lora_rank}"),
+        (model.text_lora_rank >= 0, f"--model.text_lora_rank must be >= 0, got {model.text_lora_rank}"),
+        (
+            not model.image_lora_rank or model.image_encoder in ("timm", "hf") or model.pretrained,
+            "--model.image_lora_rank needs a timm or hf image encoder (or --model.pretrained)",
+        ),
+        (
+            not model.text_lora_rank or model.text_encoder == "hf" or model.pretrained,
+            "--model.text_lora_rank needs an hf text encoder (or --model.pretrained)",
+        ),
+        (
+            not (model.image_lora_rank and model.freeze_image) and not (model.text_lora_rank and model.freeze_text),
+            "LoRA adapters train inside the encoder: drop --model.freeze_image/--model.freeze_text for an encoder "
+            "with a LoRA rank",
+        ),
+        (0 < train.layer_decay <= 1, f"--train.layer_decay must be in (0, 1], got {train.layer_decay}"),
+        (
+            not (train.cache_features and (model.image_lora_rank or model.text_lora_rank)),
+            "--train.cache_features true needs fixed encoders; LoRA adapters change their outputs",
+        ),
+        (
+            not (train.cache_features and data.streaming),
+            "--train.cache_features true needs a map-style dataset, not --data.streaming true",
+        ),
+        (data.crop_pct is None or 0 < data.crop_pct <= 1, f"--data.crop_pct must be in (0, 1], got {data.crop_pct}"),
+        (
+            all(len(v or [0, 0, 0]) == 3 for v in (data.image_mean, data.image_std)),
+            "--data.image_mean and --data.image_std take 3 values (R G B)",
+        ),
     ]
     return [message for ok, message in rules if not ok]

@@ -17,6 +17,7 @@ import torch
 from .config import Config, DataConfig, TaskSpec
 from .data import LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
 from .errors import DataError
+from .pretrained import image_settings_for, text_settings_for
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
 from .rows import FusionDataset, FusionStream, RowReader, SkipReport, check_split
 
@@ -31,6 +32,7 @@ class Prepared:
     report: SkipReport
     notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
     model_settings: dict[str, Any] = field(default_factory=dict)  # FusionConfig fields the data decided
+    source: str = ""  # where the data came from (a path, or what was passed in Python)
 
 
 def data_settings(data: DataConfig) -> dict[str, Any]:
@@ -46,14 +48,11 @@ def data_settings(data: DataConfig) -> dict[str, Any]:
 
 def build_processor(config: Config, loaded: LoadedData) -> tuple[FusionProcessor, dict[str, Any]]:
     """The HF model's tokenizer for `hf`, else a tokenizer trained on the training text; returns the processor and
-    the model settings that follow from it (vocabulary size, longest text)."""
+    the model settings that follow from it (vocabulary size, longest text). Images and texts are prepared as the
+    pretrained encoders expect (`pretrained.image_settings_for`); `config.model` is resolved."""
     model, data = config.model, config.data
-    settings = ProcessorSettings(
-        image_size=model.image_size,
-        max_text_length=data.max_text_length,
-        max_image_pixels=data.max_image_pixels,
-        **data_settings(data),
-    )
+    images, texts = image_settings_for(model, data), text_settings_for(model, data)
+    settings = ProcessorSettings(**images, **texts, max_image_pixels=data.max_image_pixels, **data_settings(data))
     learned: dict[str, Any] = {"max_text_length": max(model.max_text_length, data.max_text_length)}
     if model.text_encoder == "hf":
         tokenizer, settings.pad_id = hf_tokenizer(model.text_model)
@@ -118,20 +117,24 @@ def build_splits(
         )
         for name in present
     }
-    return Prepared(tasks, processor, datasets, report, notes, learned)
+    return Prepared(tasks, processor, datasets, report, notes, learned, loaded.source)
 
 
 def load_split(
-    data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec]
+    data: DataConfig, split: str, processor: FusionProcessor, tasks: list[TaskSpec], source: Any = None
 ) -> tuple[torch.utils.data.Dataset, SkipReport]:
     """For evaluation: the checked rows of one split, encoded with a checkpoint's processor and label maps (so a
     label the model never saw is a bad row), and the skip report. Data without a validation split gives the rows
-    that training held out of train as its validation split."""
-    loaded = load_splits(data.path, data, for_training=False)
+    that training held out of train as its validation split. `source`: anything `load_splits` takes (default:
+    data.path)."""
+    source = data.path if source is None else source
+    loaded = load_splits(source, data, for_training=False)
     if split == "validation" and split not in loaded.splits and "train" in loaded.splits:
-        loaded = load_splits(data.path, data, for_training=True)  # the rows training held out of train
+        loaded = load_splits(source, data, for_training=True)  # the rows training held out of train
     if split not in loaded.splits:
-        raise DataError(f"{data.path}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)")
+        raise DataError(
+            f"{loaded.source}: no {split!r} split; it has {sorted(loaded.splits)} (choose one with --split)"
+        )
     check_columns(loaded.splits[split], split, tasks, data)
     report = SkipReport()
     dataset = split_dataset(loaded, split, processor, tasks, data, report)

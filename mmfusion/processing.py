@@ -33,7 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ProcessorSettings:
-    """Everything `processor.json` stores."""
+    """Everything `processor.json` stores. Images: resize (`squash` to a square, or the `shortest_edge` keeping
+    the aspect ratio) to image_size / crop_pct, then crop the center image_size square (timm's and the Hugging Face
+    image processors' evaluation transform)."""
 
     image_size: int = 64
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -49,6 +51,10 @@ class ProcessorSettings:
     text_column: str = "caption"
     image_root: str | None = None
     missing_modality: str = "error"
+    interpolation: str = "bilinear"  # a PIL resampling filter, lower case
+    resize: str = "squash"  # or "shortest_edge"
+    crop_pct: float = 1.0
+    pad_to_max_length: bool = False  # texts padded to max_text_length (SigLIP's text tower reads the last position)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -131,7 +137,13 @@ def hf_tokenizer(model_path: str) -> tuple[Tokenizer, int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return tokenizer.backend_tokenizer, tokenizer.pad_token_id or 0
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"{model_path}: its tokenizer ({type(tokenizer).__name__}) has no `tokenizers` version (tokenizer.json), "
+            "which the processor saves beside checkpoints"
+        )
+    return backend, tokenizer.pad_token_id or 0
 
 
 class FusionProcessor:
@@ -167,9 +179,7 @@ class FusionProcessor:
             image = image.crop(self.crop_box(*image.size, *augment_key))
             if self.settings.hflip and np.random.default_rng([*augment_key, 1]).random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        size = self.settings.image_size
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        image = self.resize(image)
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.settings.mean).view(3, 1, 1)
         std = torch.tensor(self.settings.std).view(3, 1, 1)
@@ -181,6 +191,25 @@ class FusionProcessor:
         std = torch.tensor(self.settings.std).view(3, 1, 1)
         return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
+    def resize(self, image: Image.Image) -> Image.Image:
+        """Resize (squashed, or by the shortest edge) to image_size / crop_pct, then crop the center square."""
+        settings, size = self.settings, self.settings.image_size
+        scaled = math.floor(size / settings.crop_pct + 1e-6)
+        if settings.resize == "shortest_edge":
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            other = int(scaled * long / short)
+            target = (scaled, other) if width <= height else (other, scaled)
+        else:
+            target = (scaled, scaled)
+        resample = Image.Resampling[settings.interpolation.upper()]
+        if image.size != target:
+            image = image.resize(target, resample)
+        if image.size != (size, size):
+            left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+            image = image.crop((left, top, left + size, top + size))
+        return image
+
     def blank_image(self) -> torch.Tensor:
         return torch.zeros(3, self.settings.image_size, self.settings.image_size)
 
@@ -190,7 +219,10 @@ class FusionProcessor:
         encoding = self.tokenizer.encode(text)
         if encoding.overflowing:
             self.truncated += 1
-        return encoding.ids or [self.settings.pad_id]
+        ids = encoding.ids or [self.settings.pad_id]
+        if self.settings.pad_to_max_length:
+            ids = ids + [self.settings.pad_id] * (self.settings.max_text_length - len(ids))
+        return ids
 
     # ----- labels -----
 

@@ -13,12 +13,12 @@ the numbers are also embedded as JSON in `<script type="application/json" id="re
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import tyro
 
 from . import viz
 from .config import Config, TaskSpec
@@ -93,18 +93,12 @@ def collect(
     return data
 
 
-def write_report(
-    run_dir: Path,
-    checkpoint: str = "best",
-    data_path: str | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    validation: torch.utils.data.Dataset | None = None,
-) -> Path:
+def write_report(run_dir: Path, **options) -> Path:
     """Write RUN_DIR/report.html (self-contained) and its figures as RUN_DIR/report/*.png; returns the page.
-    `validation`: the run's validation split as training prepared it, so it is not read again."""
+    `options` are `collect`'s: the checkpoint, the data's location, the batch size, the device, and `validation`,
+    the run's validation split as training prepared it (so it is not read again)."""
     run_dir = Path(run_dir)
-    data = collect(run_dir, checkpoint, data_path, batch_size, device, validation)
+    data = collect(run_dir, **options)
     figure_dir = run_dir / FIGURE_DIR
     figure_dir.mkdir(exist_ok=True)
     for old in figure_dir.glob("*.png"):
@@ -215,20 +209,28 @@ def checkpoint_intro(results: CheckpointResults) -> str:
     return f"Computed by re-evaluating {esc(results.directory)} on {rows}."
 
 
+def classification_section(data: ReportData, title: str, missing: str, body: Callable[[CheckpointResults], str]):
+    """A section about the classification tasks of the re-evaluated checkpoint, or a note saying why there is none."""
+    if data.checkpoint is None:
+        return section(title, note(data.checkpoint_note))
+    if not data.checkpoint.confusion:
+        return section(title, note(f"The run has no classification task, so there {missing}."))
+    return section(title, body(data.checkpoint))
+
+
 def confusion_section(data: ReportData, figure_dir: Path) -> str:
     """One confusion matrix per classification task (validation split, re-evaluated checkpoint)."""
-    title = "Confusion matrices (validation)"
-    results = data.checkpoint
-    if results is None:
-        return section(title, note(data.checkpoint_note))
-    if not results.confusion:
-        return section(title, note("The run has no classification task, so there is no confusion matrix."))
-    body = f"<p>{checkpoint_intro(results)} Rows are the true label, columns the prediction.</p>"
-    for task, matrix in results.confusion.items():
-        labelled = sum(map(sum, matrix))
-        fig = viz.confusion_matrix(task, results.labels[task], matrix, f"validation split, {labelled} labelled rows")
-        body += figure(fig, figure_dir / file_name("confusion", task), f"{task} confusion matrix")
-    return section(title, body)
+
+    def matrices(results: CheckpointResults) -> str:
+        body = f"<p>{checkpoint_intro(results)} Rows are the true label, columns the prediction.</p>"
+        for task, matrix in results.confusion.items():
+            labelled = sum(map(sum, matrix))
+            note_text = f"validation split, {labelled} labelled rows"
+            fig = viz.confusion_matrix(task, results.labels[task], matrix, note_text)
+            body += figure(fig, figure_dir / file_name("confusion", task), f"{task} confusion matrix")
+        return body
+
+    return classification_section(data, "Confusion matrices (validation)", "is no confusion matrix", matrices)
 
 
 def modality_section(data: ReportData, figure_dir: Path) -> str:
@@ -293,49 +295,21 @@ def fusion_section(data: ReportData, figure_dir: Path) -> str:
 
 def mistakes_section(data: ReportData, figure_dir: Path) -> str:
     """Per classification task, the most confident errors: gallery and a table with the full captions."""
-    title = "Most confident errors (validation)"
-    results = data.checkpoint
-    if results is None:
-        return section(title, note(data.checkpoint_note))
-    if not results.mistakes:
-        return section(title, note("The run has no classification task, so there are no errors to show."))
-    body = (
-        f"<p>{checkpoint_intro(results)} Per classification task, the {MISTAKES_SHOWN} wrong predictions with "
-        "the highest predicted probability.</p>"
-    )
-    for task, mistakes in results.mistakes.items():
-        body += f"<h3>{esc(task)}</h3>"
-        if not mistakes:
-            body += note(f"No {task} errors on the validation split.")
-            continue
-        body += figure(viz.error_gallery(task, mistakes), figure_dir / file_name("errors", task), f"{task} errors")
-        rows = [[m.row, m.caption, m.true, m.predicted, m.probability] for m in mistakes]
-        body += table(["row", "caption", "true", "predicted", "probability"], rows, numeric_from=4)
-    return section(title, body)
 
+    def galleries(results: CheckpointResults) -> str:
+        body = (
+            f"<p>{checkpoint_intro(results)} Per classification task, the {MISTAKES_SHOWN} wrong predictions with "
+            "the highest predicted probability.</p>"
+        )
+        for task, mistakes in results.mistakes.items():
+            body += f"<h3>{esc(task)}</h3>"
+            if not mistakes:
+                body += note(f"No {task} errors on the validation split.")
+                continue
+            gallery = viz.error_gallery(task, mistakes)
+            body += figure(gallery, figure_dir / file_name("errors", task), f"{task} errors")
+            rows = [[m.row, m.caption, m.true, m.predicted, m.probability] for m in mistakes]
+            body += table(["row", "caption", "true", "predicted", "probability"], rows, numeric_from=4)
+        return body
 
-# ----- command line -----
-
-RunDir = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
-
-
-@dataclass
-class Report:
-    """report.html of a training run: curves, validation metrics, confusion matrices, modality contributions,
-    gate values or attention maps, and the most confident errors (figures also in RUN_DIR/report/)."""
-
-    run_dir: RunDir
-    """Training output directory (train.output_dir) with config.yaml and metrics.jsonl."""
-    checkpoint: str = "best"
-    """Checkpoint subdirectory of RUN_DIR to re-evaluate on the validation split (best or final)."""
-    data_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
-    """The run's data, when it is no longer at config.yaml's data.path."""
-    batch_size: Annotated[int | None, tyro.conf.arg(metavar="INT")] = None
-    """Rows per batch of the re-evaluation (default: the run's eval_batch_size, so its numbers match the log's)."""
-
-    def run(self) -> int:
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise InputError(f"--batch_size must be > 0, got {self.batch_size}")
-        page = write_report(Path(self.run_dir), self.checkpoint, self.data_path, self.batch_size)
-        print(f"wrote {page} (figures in {page.parent / FIGURE_DIR})")
-        return 0
+    return classification_section(data, "Most confident errors (validation)", "are no errors to show", galleries)

@@ -56,7 +56,7 @@ class RowReader:
     processor: FusionProcessor
     tasks: list[TaskSpec]
     config: DataConfig
-    root: Path
+    root: Path | None  # the directory image paths must stay in; None: paths as given (data built in Python)
     split: str
     allow_missing_modality: bool = False
     held_out: bool = False  # a validation split cut from train: its rows are numbered as in the train data
@@ -67,7 +67,9 @@ class RowReader:
         return f"{self.split} split, row {index}"
 
     def image_path(self, reference: str, where: str) -> Path:
-        """A relative (or absolute) path that must stay inside the data directory."""
+        """A relative (or absolute) path that must stay inside the data directory (when there is one)."""
+        if self.root is None:
+            return Path(reference)
         root = os.path.normpath(os.path.abspath(self.root))
         resolved = os.path.normpath(os.path.join(root, reference))
         if os.path.commonpath([root, resolved]) != root:
@@ -127,11 +129,9 @@ class RowReader:
     ) -> dict:
         """Decode and encode one row. `augment` uses randomness from (seed, epoch, index) only."""
         image, text, labels, masks = self.parse(row, index)
-        image_present, text_present = image is not None, text is not None
-        if modality_dropout > 0 and image_present and text_present:
-            draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
-            if draw[0] < modality_dropout:
-                image_present, text_present = (False, True) if draw[1] < 0.5 else (True, False)
+        image_present, text_present = presence(
+            image is not None, text is not None, modality_dropout, seed, epoch, index
+        )
         key = (seed, epoch, index) if augment else None
         return {
             "row": index,
@@ -142,6 +142,16 @@ class RowReader:
             "labels": labels,
             "label_mask": masks,
         }
+
+
+def presence(image: bool, text: bool, modality_dropout: float, seed: int, epoch: int, index: int) -> tuple[bool, bool]:
+    """Which modalities a row presents in this epoch: with `modality_dropout`, a row that has both drops one of
+    them, drawn from (seed, epoch, index) only."""
+    if modality_dropout > 0 and image and text:
+        draw = np.random.default_rng([seed, epoch, index, 7]).random(2)
+        if draw[0] < modality_dropout:
+            return (False, True) if draw[1] < 0.5 else (True, False)
+    return image, text
 
 
 def _file_hint(value: Any) -> str:
@@ -285,13 +295,14 @@ class Collator:
         }
 
 
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present", "features")
 
 
 def model_inputs(batch: dict, without: tuple[str, ...] = ()) -> dict:
-    """The batch entries that `FusionModel.forward` takes besides labels; each modality in `without` ("image",
-    "text") is marked absent in every row (the model then uses its learned placeholder)."""
-    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    """The batch entries that `FusionModel.forward` takes besides labels (a feature-cache batch has `features`
+    instead of pixels and tokens); each modality in `without` ("image", "text") is marked absent in every row (the
+    model then uses its learned placeholder)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     for modality in without:
         inputs[f"{modality}_present"] = torch.zeros_like(inputs[f"{modality}_present"])
     return inputs
@@ -310,12 +321,15 @@ def loader_workers(data: DataConfig, accelerator) -> int:
     return min(4, cpus // max(1, local_processes))
 
 
-def make_loader(dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, batch_size: int, pad_id: int, shuffle: bool, workers: int, collate=None
+) -> torch.utils.data.DataLoader:
+    """Batches of `dataset`, collated by `collate` (default: `Collator(pad_id)`)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and not isinstance(dataset, torch.utils.data.IterableDataset),
-        collate_fn=Collator(pad_id),
+        collate_fn=collate or Collator(pad_id),
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # workers are re-created each epoch and so see the dataset's new epoch

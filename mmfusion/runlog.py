@@ -138,9 +138,12 @@ def metrics_line(metrics: dict) -> str:
 def describe_model(config: FusionConfig) -> list[tuple[str, str]]:
     """(part, description) for the image encoder, the text encoder, the fusion and the tasks."""
     image = config.image_encoder + (f" (widths {config.image_widths})" if config.image_encoder == "simple_cnn" else "")
+    image += f" {config.image_model}" if config.image_model else ""
     image += f" at {config.image_size} px" + (f", weights {config.image_weights}" if config.image_weights else "")
+    image += f", LoRA rank {config.image_lora_rank}" if config.image_lora_rank else ""
     if config.text_encoder == "hf":
         text = f"hf {config.text_model} ({config.text_pooling} pooling)"
+        text += f", LoRA rank {config.text_lora_rank}" if config.text_lora_rank else ""
     else:
         direction = ", bidirectional" if config.bidirectional and config.text_encoder in ("lstm", "gru") else ""
         text = f"{config.text_encoder} (dim {config.text_dim}, layers {config.text_layers}{direction})"

@@ -2,6 +2,7 @@
 
 Inputs are right-padded `input_ids` [B, T] with `attention_mask` [B, T] (1 = real token). Padding never
 changes a sample's output: RNNs read packed sequences, attention masks padded keys, pooling ignores padding.
+Every class is built by `from_config(config, weights)` (see image_encoders.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .adapters import add_lora, enable_gradient_checkpointing
 from .config import FusionConfig
 from .layers import Block, EncoderOutput, masked_mean
+from .pretrained import copy_weights, hf_model, load_hf_tower, resolve_pretrained
 
 
 def _pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -29,6 +32,11 @@ class RNNEncoder(nn.Module):
             dim, dim, layers, batch_first=True, bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0
         )
         self.out_dim = dim * (2 if bidirectional else 1)
+
+    @classmethod
+    def from_config(cls, config: FusionConfig, weights: bool = True) -> RNNEncoder:
+        sizes = config.vocab_size, config.text_dim, config.text_layers
+        return cls(config.text_encoder, *sizes, config.bidirectional, config.dropout)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         mask = attention_mask.bool()
@@ -57,6 +65,11 @@ class TransformerTextEncoder(nn.Module):
         self.pooling = pooling
         self.out_dim = dim
 
+    @classmethod
+    def from_config(cls, config: FusionConfig, weights: bool = True) -> TransformerTextEncoder:
+        sizes = config.vocab_size, config.text_dim, config.text_layers, config.text_heads, config.max_text_length
+        return cls(*sizes, config.dropout, config.text_pooling)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         length = input_ids.shape[1]
         if length > self.positions.num_embeddings:
@@ -70,52 +83,50 @@ class TransformerTextEncoder(nn.Module):
 
 
 class HFTextEncoder(nn.Module):
-    """Any `transformers` AutoModel encoder; pooled by the first (CLS) token or the masked mean."""
+    """Any `transformers` AutoModel encoder, or the text tower of a dual model (CLIP, SigLIP); pooled by the first
+    (CLS) token, the masked mean, or the model's own pooled output (`pooler`)."""
 
-    def __init__(self, config: FusionConfig) -> None:
+    def __init__(self, model_config: dict, pooling: str = "mean") -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        if config.text_model_config is not None:  # rebuilding a saved checkpoint: architecture only
-            values = dict(config.text_model_config)
-            model_config = AutoConfig.for_model(values.pop("model_type"), **values)
-            self.model = AutoModel.from_config(model_config)
-        elif config.text_model:
-            self.model = AutoModel.from_pretrained(config.text_model)
-            config.text_model_config = self.model.config.to_dict()
-        else:
-            raise ValueError("text_encoder 'hf' needs text_model (a local path or Hub id)")
-        if getattr(self.model, "pooler", None) is not None:
+        self.model = hf_model(model_config, "text")
+        if pooling != "pooler" and getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # BERT-style pooler: unused, and unused parameters upset DDP
-        self.pooling = config.text_pooling
-        self.out_dim = self.model.config.hidden_size
+        self.pooling = pooling
+        self.out_dim = self._pooled_width()
+
+    def _pooled_width(self) -> int:
+        config = self.model.config
+        if self.pooling == "pooler":  # SigLIP's head projects to projection_size
+            return getattr(config, "projection_size", None) or config.hidden_size
+        return config.hidden_size
+
+    @classmethod
+    def from_config(cls, config: FusionConfig, weights: bool = True) -> HFTextEncoder:
+        config = resolve_pretrained(config)
+        encoder = cls(config.text_model_config, config.text_pooling)
+        if weights:
+            copy_weights(encoder.model, load_hf_tower(config.text_model, "text"), f"text_model {config.text_model}")
+        if config.text_lora_rank:
+            add_lora(encoder.model, config.text_lora_rank, config.text_lora_targets)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(encoder.model)
+        return encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
-        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.bool()
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens, mask = output.last_hidden_state, attention_mask.bool()
+        if self.pooling == "pooler":
+            if output.pooler_output is None:
+                raise ValueError(f"text_pooling pooler: {type(self.model).__name__} has no pooled output")
+            return EncoderOutput(pooled=output.pooler_output, tokens=tokens, mask=mask)
         return EncoderOutput(pooled=_pool(tokens, mask, self.pooling), tokens=tokens, mask=mask)
 
 
 TEXT_ENCODERS = {"lstm": RNNEncoder, "gru": RNNEncoder, "transformer": TransformerTextEncoder, "hf": HFTextEncoder}
 
 
-def build_text_encoder(config: FusionConfig) -> nn.Module:
-    """Build the configured text encoder; for `hf` this records the transformers config in `config`."""
-    name = config.text_encoder
-    if name in ("lstm", "gru"):
-        return RNNEncoder(
-            name, config.vocab_size, config.text_dim, config.text_layers, config.bidirectional, config.dropout
-        )
-    if name == "transformer":
-        return TransformerTextEncoder(
-            config.vocab_size,
-            config.text_dim,
-            config.text_layers,
-            config.text_heads,
-            config.max_text_length,
-            config.dropout,
-            config.text_pooling,
-        )
-    if name == "hf":
-        return HFTextEncoder(config)
-    raise ValueError(f"unknown text_encoder {name!r}; choose from {sorted(TEXT_ENCODERS)}")
+def build_text_encoder(config: FusionConfig, weights: bool = True) -> nn.Module:
+    """The configured text encoder; `weights=False`: its architecture only (no pretrained weights read)."""
+    if config.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text_encoder {config.text_encoder!r}; choose from {sorted(TEXT_ENCODERS)}")
+    return TEXT_ENCODERS[config.text_encoder].from_config(config, weights)

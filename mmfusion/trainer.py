@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .config import Config, from_dict
+from . import feature_cache
+from .config import Config, FusionConfig, from_dict
 from .errors import InputError
 from .evaluation import CONDITIONS
 from .hub import resolve_checkpoint
@@ -30,6 +31,7 @@ from .loop import Loop, Run, finish_trackers, flat_metrics
 from .model import FusionModel, load_compatible, read_model_config, reuse_tasks
 from .options import load_yaml, save_yaml
 from .prepare import Prepared, build_splits
+from .pretrained import resolve_pretrained
 from .processing import FusionProcessor
 from .rows import model_inputs
 from .runlog import RUN_CONFIG_NAME, MetricsLog
@@ -68,21 +70,24 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     set_seed(cfg.seed)  # model initialisation and the data order
     set_cpu_threads(accelerator, cfg.cpu_threads)
 
-    # ---- data, then the configuration it resolves: tasks, label maps, vocabulary (or a checkpoint's)
+    # ---- the configuration, resolved once: the model's (a checkpoint's, or what the pretrained sources say), then
+    # what the data decides (tasks, label maps, vocabulary); config.yaml records the result
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+    config = dataclasses.replace(config, model=model_architecture(config, init))
     prepared = build_splits(config, FusionProcessor.from_pretrained(init) if init else None, source=data)
     for note in prepared.notes:
         log(f"tasks: {note}")
     log(f"data: {prepared.report.summary()}")
-    config = resolve_config(config, prepared, init)
+    config = resolve_config(config, prepared, init, data)
 
-    # ---- model, weighting, optimizer, schedule, loaders
-    model = FusionModel(config.model_config())
+    # ---- model (encoders from their pretrained weights, or a fusion checkpoint's parts), weighting, optimizer
+    model = FusionModel(config.model_config(), encoder_weights=init is None)
     if init:
         log(load_compatible(model, init))
+    collate = use_feature_cache(model, prepared, config, accelerator)
     weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
-    loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process))
+    loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process), collate)
     scheduler = build_scheduler(optimizer, cfg, loop.plan)
     model, optimizer, loop.train_loader, loop.val_loader, scheduler = accelerator.prepare(
         model, optimizer, loop.train_loader, loop.val_loader, scheduler
@@ -159,18 +164,41 @@ def _as_config(config: Config | dict | str | Path) -> Config:
     return load_yaml(config)
 
 
-def resolve_config(config: Config, prepared: Prepared, init: Path | None) -> Config:
+def model_architecture(config: Config, init: Path | None) -> FusionConfig:
+    """The model's configuration before the data is read: a fusion checkpoint's (--train.init_from), or ours with
+    what the pretrained sources say (architectures, input size: `pretrained.resolve_pretrained`);
+    --train.cache_features true freezes both encoders."""
+    model = dataclasses.replace(read_model_config(init), tasks=[]) if init else resolve_pretrained(config.model)
+    if config.train.cache_features:
+        model = dataclasses.replace(model, freeze_image=True, freeze_text=True)
+    return model
+
+
+def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
-    size, longest text, the number of epochs when it follows the data size) and, with init_from, the pretrained
-    checkpoint's architecture; written to config.yaml."""
-    model = config.model
-    tasks = prepared.tasks
-    if init:
-        source = read_model_config(init)
-        model, tasks = dataclasses.replace(source, tasks=[]), reuse_tasks(tasks, source.tasks)
-    model = dataclasses.replace(model, **prepared.model_settings)
-    train = config.train
-    rows = prepared.datasets["train"]
+    size, longest text, the number of epochs when it follows the data size; with init_from, reused regression heads
+    keep the checkpoint's target statistics) and where the data came from (`data` given in Python: its path, or a
+    note that it was passed in memory)."""
+    tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
+    model = dataclasses.replace(config.model, **prepared.model_settings)
+    path = config.data.path if data is None else str(data) if isinstance(data, (str, Path)) else None
+    source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")
+    train, rows = config.train, prepared.datasets["train"]
     if not (train.epochs or train.max_steps or train.time_limit) and hasattr(rows, "__len__"):
         train = dataclasses.replace(train, epochs=epochs_for(len(rows)))
-    return dataclasses.replace(config, model=model, tasks=tasks, train=train)
+    return dataclasses.replace(config, model=model, tasks=tasks, data=source, train=train)
+
+
+def use_feature_cache(model: FusionModel, prepared: Prepared, config: Config, accelerator: Accelerator):
+    """With both encoders frozen (or --train.cache_features true), replace the train and validation datasets by the
+    encoders' outputs, computed once per row; returns the collate function for them (None: no cache)."""
+    streaming = isinstance(prepared.datasets["train"], torch.utils.data.IterableDataset)
+    if not feature_cache.wanted(config.train.cache_features, model, streaming):
+        return None
+    if config.data.augment:
+        accelerator.print("feature cache: training images are not augmented (features are computed once per row)")
+    model.to(accelerator.device)
+    for name in ("train", "validation"):
+        prepared.datasets[name], note = feature_cache.cached_dataset(model, prepared.datasets[name], accelerator)
+        accelerator.print(f"feature cache: {note}")
+    return feature_cache.FeatureCollator()

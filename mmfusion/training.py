@@ -23,6 +23,7 @@ import torch
 from .config import TrainConfig
 from .errors import CheckpointWriteError, InputError
 from .model import FusionModel
+from .pretrained import timm_has_weights
 
 STATE_NAME = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -32,34 +33,73 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def pretrained_modules(model: FusionModel, train: TrainConfig) -> list[torch.nn.Module]:
-    """Encoders that start from pretrained weights (every encoder, after --train.init_from); they train at
-    `encoder_lr` and are the ones `freeze_encoders_steps` holds still."""
+    """Parts that start from pretrained weights (every encoder, after --train.init_from; a dual encoder's matching
+    heads); they train at `encoder_lr` (LoRA adapters too) and are the ones `freeze_encoders_steps` holds still."""
     if train.init_from:
         return [model.image_encoder, model.text_encoder]
+    config = model.config
     modules = []
-    if model.config.image_weights:
+    timm_weights = config.image_encoder == "timm" and timm_has_weights(config.image_model)
+    if config.image_weights or config.image_encoder == "hf" or timm_weights:
         modules.append(model.image_encoder)
-    if model.config.text_encoder == "hf":
+    if config.text_encoder == "hf":
         modules.append(model.text_encoder)
+    if config.pretrained:
+        modules += [model.heads[spec.name] for spec in config.tasks if spec.type == "matching"]
     return modules
 
 
+def _block(name: str) -> str | None:
+    """The numbered block a parameter belongs to: its name up to the first purely numeric part
+    (`encoder.layer.3`, `blocks.3`, `layer1.0`, `stages.2`), None outside any block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def layer_scales(module: torch.nn.Module, decay: float) -> dict[int, float]:
+    """Learning-rate multiplier of each parameter (by id) for layer-wise decay: blocks numbered in order 1..N,
+    parameters before the first block (embeddings) 0, after the last (final norm, pooler) N + 1; a parameter at
+    layer l gets decay^(N + 1 - l)."""
+    named = list(module.named_parameters())
+    blocks = list(dict.fromkeys(b for b in map(_block, (name for name, _ in named)) if b is not None))
+    number = {block: i + 1 for i, block in enumerate(blocks)}
+    top = len(blocks) + 1
+    scales, layer = {}, 0
+    for name, parameter in named:
+        block = _block(name)
+        if block is not None:
+            layer = number[block]
+        elif layer:  # after the blocks
+            layer = top
+        scales[id(parameter)] = decay ** (top - layer) if blocks else 1.0
+    return scales
+
+
 def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=()) -> torch.optim.AdamW:
-    """AdamW; pretrained encoders at encoder_lr, the rest at lr; no weight decay on norms, biases and scalars.
-    Each group records whether it is `pretrained`, for the schedule."""
-    pretrained = {id(p) for module in pretrained_modules(model, train) for p in module.parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW; pretrained parts at encoder_lr (pretrained encoders' layers scaled down by `layer_decay` from the top),
+    the rest at lr; no weight decay on norms, biases and scalars. Each group records whether it is `pretrained`,
+    for the schedule."""
+    scales: dict[int, float] = {}
+    for module in pretrained_modules(model, train):
+        is_encoder = module is model.image_encoder or module is model.text_encoder
+        scales.update(layer_scales(module, train.layer_decay) if is_encoder else layer_scales(module, 1.0))
+    groups: dict[tuple[bool, bool, float], list] = {}
     for parameter in [*model.parameters(), *extra_parameters]:
         if parameter.requires_grad:
-            groups.setdefault((id(parameter) in pretrained, parameter.ndim >= 2), []).append(parameter)
+            scale = scales.get(id(parameter))
+            key = (scale is not None, parameter.ndim >= 2, scale or 1.0)
+            groups.setdefault(key, []).append(parameter)
     param_groups = [
         {
             "params": params,
-            "lr": train.encoder_lr if is_pretrained else train.lr,
+            "lr": train.encoder_lr * scale if is_pretrained else train.lr,
             "weight_decay": train.weight_decay if decays else 0.0,
             "pretrained": is_pretrained,
         }
-        for (is_pretrained, decays), params in sorted(groups.items())
+        for (is_pretrained, decays, scale), params in sorted(groups.items())
     ]
     return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available() or None)  # on CPU the default is fastest
 

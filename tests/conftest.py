@@ -16,10 +16,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so no test reads or writes the user's cache.
 HF_HOME = tempfile.mkdtemp(prefix="mmfusion-tests-hf-")
 os.environ["HF_HOME"] = HF_HOME
+os.environ["MMFUSION_CACHE"] = os.path.join(HF_HOME, "mmfusion_cache")  # the feature cache
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random pretrained sources saved as their libraries publish them (see pretrained_sources.py), by name:
+    clip, siglip, bert, vit, dinov2, convnext, swin (transformers), timm_vit, timm_resnet (timm directories)."""
+    import pretrained_sources as build
+
+    root = tmp_path_factory.mktemp("sources")
+    for kind in ("clip", "siglip"):
+        build.tiny_dual(root / kind, kind)
+    build.tiny_bert(root / "bert")
+    for kind in ("vit", "dinov2", "convnext", "swin"):
+        build.tiny_hf_vision(root / kind, kind)
+    build.tiny_timm(root / "timm_vit", "test_vit", img_size=build.SIZE)
+    build.tiny_timm(root / "timm_resnet", "test_resnet")
+    return {path.name: path for path in root.iterdir()}
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mmfusion import FusionConfig, TaskSpec
@@ -103,3 +105,54 @@ def make_imagefolder(root, splits=None, metadata="jsonl") -> None:
                 writer = csv.DictWriter(f, fieldnames=[k for k in public[0] if k != "tags"])
                 writer.writeheader()
                 writer.writerows({k: v for k, v in r.items() if k != "tags"} for r in public)
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def sample_checkpoint(directory, image_encoder="simple_cnn", text_encoder="lstm", fusion="concat", seed=0, **overrides):
+    """A tiny random model for the bundled sample data's tasks (labels, regression statistics and tokenizer from
+    its test split, plus the `pair` matching task), saved with its processor as train.py saves best/."""
+    from mmfusion.config import DataConfig
+    from mmfusion.data import fit_tasks, infer_tasks, load_splits
+    from mmfusion.model import FusionModel
+    from mmfusion.processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
+
+    data = DataConfig(path=str(SAMPLE / "test"))
+    rows = load_splits(data.path, data, for_training=False).splits["train"]
+    tasks, _ = infer_tasks(rows, data)
+    tasks = fit_tasks([*tasks, TaskSpec(name="pair", type="matching")], rows, data)
+    pad_id = 0
+    if text_encoder == "hf":  # the model's own tokenizer, as train.py uses
+        tokenizer, pad_id = hf_tokenizer(overrides["text_model"])
+    else:
+        tokenizer = train_tokenizer(rows["caption"], vocab_size=200)
+    torch.manual_seed(seed)
+    overrides = {"tasks": tasks, "vocab_size": tokenizer.get_vocab_size(), **overrides}
+    model = FusionModel(tiny_config(image_encoder, text_encoder, fusion, **overrides))
+    sizes = {"image_size": model.config.image_size, "max_text_length": model.config.max_text_length}
+    processor = FusionProcessor(tokenizer, ProcessorSettings(**sizes, pad_id=pad_id))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def same_prediction(found, expected, tolerance=1e-5) -> bool:
+    """Equal predictions; floats to `tolerance` (a batch's composition changes float rounding, not results), and
+    labels equal unless a score within `tolerance` of a tie (or of 0.5, multilabel) could decide otherwise."""
+    if isinstance(expected, dict) and "scores" in expected:
+        scores = expected["scores"]
+        if not same_prediction(found["scores"], scores, tolerance):
+            return False
+        if "label" in expected:
+            top = sorted(scores.values())[-2:]
+            return found["label"] == expected["label"] or top[1] - top[0] <= 2 * tolerance
+        undecided = {name for name, p in scores.items() if abs(p - 0.5) <= tolerance}
+        return set(found["labels"]) ^ set(expected["labels"]) <= undecided
+    if isinstance(expected, dict):
+        return found.keys() == expected.keys() and all(
+            same_prediction(found[k], expected[k], tolerance) for k in expected
+        )
+    if isinstance(expected, float):
+        return abs(found - expected) <= tolerance
+    return found == expected

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,10 @@ from helpers import make_imagefolder, make_rows, write_image
 from test_train import TINY, _run
 
 from mmfusion import FusionModel, Predictor, cli
+from mmfusion.config import DataConfig
 from mmfusion.errors import BadInputError, CheckpointError
+from mmfusion.processing import FusionProcessor, train_tokenizer
+from mmfusion.rows import RowReader
 
 
 def _public(rows):
@@ -139,11 +143,46 @@ def test_decompression_bomb(base, tmp_path, capsys):
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file regardless of its permissions")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: test_unreadable_image_as_an_unprivileged_user")
 def test_unreadable_image(base, tmp_path, capsys):
     data = _variant(base, tmp_path, _file(lambda p: p.chmod(0)))
     assert _train(data, tmp_path) == 2
     assert "permission denied" in capsys.readouterr().err
+
+
+def test_unreadable_image_as_an_unprivileged_user(base):
+    """The same refusal where tests run as root (CI): a forked child drops to user nobody, then reads the row."""
+    directory = Path(tempfile.mkdtemp())  # /tmp/pytest-of-root is closed to other users
+    try:
+        directory.chmod(0o755)
+        image = directory / "002.png"
+        shutil.copy(base / "train" / "002.png", image)
+        image.chmod(0)
+        reader = RowReader(FusionProcessor(train_tokenizer(["a"])), [], DataConfig(), directory, "train")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    reader.read({"image": "002.png", "caption": "a"}, 2)
+                    message = "read"
+                except BadInputError as error:
+                    message = str(error)
+                os.write(write, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        message = os.read(read, 4096).decode()
+        os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(directory)
+    assert (
+        message
+        == f"train split, row 2, field 'image' (file 002.png): image file is not readable (permission denied): {image}"
+    )
 
 
 def test_nan_regression_target_in_csv(base, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -296,3 +297,46 @@ def test_console_script_help():
     assert result.returncode == 0, result.stderr
     for command in ("evaluate", "predict", "inspect"):
         assert command in result.stdout
+
+
+def test_evaluate_and_predict_read_the_columns_the_checkpoint_was_trained_with(capsys, checkpoint, data_dir, tmp_path):
+    """processor.json remembers the data columns; flags override them; a checkpoint without them keeps the defaults."""
+    renamed = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, renamed)
+    settings = json.loads((renamed / "processor.json").read_text())
+    assert settings["text_column"] == "caption" and settings["missing_modality"] == "error"
+    settings.update(text_column="description", image_column="picture")
+    (renamed / "processor.json").write_text(json.dumps(settings))
+    data = tmp_path / "data" / "test"
+    shutil.copytree(data_dir / "test", data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    (data / "metadata.jsonl").write_text(
+        "".join(json.dumps({("description" if k == "caption" else k): v for k, v in r.items()}) + "\n" for r in rows)
+    )
+
+    code, out, err = run(capsys, "evaluate", renamed, "--data.path", data.parent, "--output", tmp_path / "a.json")
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", checkpoint, "--data.path", data_dir, "--output", tmp_path / "b.json")
+    assert code == 0, err
+    renamed_metrics = json.loads((tmp_path / "a.json").read_text())["metrics"]
+    assert renamed_metrics == json.loads((tmp_path / "b.json").read_text())["metrics"]
+
+    code, _, err = run(capsys, "evaluate", renamed, "--data.path", data.parent, "--data.text_column", "caption")
+    assert code == 2 and "data.text_column 'caption' not found" in err
+
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps({"picture": str(data / "0.png"), "description": CAPTIONS[0]}) + "\n")
+    code, out, err = run(capsys, "predict", renamed, "--input", rows_file)
+    assert code == 0, err
+    expected = Predictor.from_pretrained(str(checkpoint)).predict([str(data / "0.png")], [CAPTIONS[0]])[0]
+    assert json.loads(out)["predictions"] == expected
+
+    old = tmp_path / "old"  # written before processor.json remembered the columns
+    shutil.copytree(checkpoint, old)
+    settings = json.loads((old / "processor.json").read_text())
+    for key in ("image_column", "text_column", "image_root", "missing_modality"):
+        del settings[key]
+    (old / "processor.json").write_text(json.dumps(settings))
+    code, _, err = run(capsys, "evaluate", old, "--data.path", data_dir, "--output", tmp_path / "c.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["metrics"] == renamed_metrics

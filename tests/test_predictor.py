@@ -173,7 +173,7 @@ def test_nonexistent_image_is_an_error_naming_it(predictor, tmp_path):
     assert "not found" in str(error.value)
 
 
-@pytest.mark.parametrize("image, message", [("", "empty image path"), (42, "expected an image path or a PIL image")])
+@pytest.mark.parametrize("image, message", [("", "empty image path"), (42, "expected an image path, bytes or")])
 def test_bad_image_values_are_errors(predictor, image, message):
     with pytest.raises(BadInputError, match=message):
         predictor.predict([image], ["a cat"])

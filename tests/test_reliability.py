@@ -76,6 +76,7 @@ def _final_weights_equal(a: Path, b: Path) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_9_five_times_then_resume_ends_bit_identical(data, tmp_path):
     """The default recipe's weighting (GradNorm, which has state) included: every kill lands after a checkpoint
@@ -176,6 +177,7 @@ def test_half_written_checkpoints_are_never_resumed(tmp_path):
     assert resolve_resume("latest", tmp_path / "fresh") is None
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     run = tmp_path / "run"
     process = _start(

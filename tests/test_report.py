@@ -13,8 +13,9 @@ import pytest
 import tyro
 from helpers import make_imagefolder, make_rows
 
+from mmfusion.cli import Report
 from mmfusion.errors import InputError
-from mmfusion.report import CONDITION_NAMES, Report, write_report
+from mmfusion.report import CONDITION_NAMES, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -260,6 +261,7 @@ def test_bf16_autocast_on_cpu_trains_close_to_float32(tiny_data, tmp_path, monke
     assert _records(tmp_path / "bf16", "validation")[-1]["label"]["count"] == 13
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """Dropout and augmentation off: one process with batch 8 and two with batch 4 see the same global batches, so
     the weights after 6 steps and the metrics differ by float rounding only. (Textured images: on flat colours the
@@ -298,6 +300,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert first[task] == pytest.approx(second[task], rel=1e-5, abs=1e-6), task
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_processes_train_and_evaluate_every_fusion_with_sum_and_gradnorm(tiny_data, tmp_path):
     script = ROOT / "tests" / "ddp_fusions_check.py"
@@ -362,6 +365,104 @@ def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
     assert _run(args) == 0
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_time_budget_plans_the_steps_that_fit_with_their_evaluations_and_the_end(monkeypatch):
+    from mmfusion import training
+
+    monkeypatch.setattr(training.time, "perf_counter", lambda: 110.0)
+    budget = training.TimeBudget(limit=100.0, start=100.0)  # 10 s used
+    # 85 s left after the end's 5 s; 0.5 s per step; an evaluation (2 s) per 100 steps and one at the end
+    steps = budget.plan(0.5, 2.0, lambda total: total // 100 + 1, 5.0, done=12)
+    assert steps == 12 + int((85 - 2 * 2.0) / 0.5) == 174  # 174 steps bring 2 evaluations, which fit
+    assert budget.end_seconds == 5.0
+    assert not budget.must_stop(evaluation_seconds=2.0)  # 10 + 2 + 5 < 100
+    monkeypatch.setattr(training.time, "perf_counter", lambda: 194.0)
+    assert budget.must_stop(evaluation_seconds=2.0)  # 94 + 2 + 5 >= 100: end now to finish in time
+    assert budget.plan(0.5, 2.0, lambda total: 1, 5.0, done=300) == 301  # nothing fits: one more step at least
+
+
+def test_time_limit_plans_the_run_and_logs_the_plan(tiny_data, tmp_path):
+    """How long the run takes against the limit is measured in benchmarks/time_limit.py, not asserted here."""
+    from mmfusion import train as train_in_python
+
+    config = {
+        "data": {"path": str(tiny_data)},
+        "model": {"image_widths": [8, 16], "image_size": 32, "dim": 32},
+        "train": {"batch_size": 4, "time_limit": 20, "report": False, "output_dir": str(tmp_path / "run")},
+    }
+    run = train_in_python(config)
+    plans = [r for r in _records(tmp_path / "run", "event") if r["event"] == "time_limit_plan"]
+    assert plans and plans[0]["step"] == 12 and plans[0]["planned_steps"] > 12  # 2 + 10 measured steps
+    assert plans[-1]["planned_steps"] == run.steps or run.stopped_by == "time_limit"
+    assert run.final.is_dir() and run.best.is_dir() and run.test["label"]["count"] == 7
+    assert (tmp_path / "run" / "config.yaml").read_text().count("time_limit: 20") == 1
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tiny_data, tmp_path):
+    """With a learning rate of 1e-9 the predicted labels never change, so accuracy never improves."""
+    from mmfusion import train as train_in_python
+    from mmfusion.options import parse_args
+
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "20",
+        "--train.eval_every",
+        "2",
+        "--train.lr",
+        "1e-9",
+        "--train.early_stopping_patience",
+        "2",
+        "--train.best_metric",
+        "label/accuracy",
+        "--train.output_dir",
+        str(tmp_path),
+    ]
+    run = train_in_python(parse_args(args))
+    assert run.stopped_by == "early_stopping" and run.steps == 6 and run.best_step == 2
+    assert [r["step"] for r in _records(tmp_path, "validation")] == [2, 4, 6]
+    (event,) = _records(tmp_path, "event")
+    assert event["event"] == "early_stopping" and event["best_step"] == 2 and event["step"] == 6
+    assert _records(tmp_path, "test")[0]["checkpoint"] == "best"
+
+
+def test_train_from_python_equals_train_py(tiny_data, tmp_path):
+    """`mmfusion.train` is the loop train.py runs: a dict, a YAML file or a Config give the same weights."""
+    from mmfusion import Run
+    from mmfusion import train as train_in_python
+    from mmfusion.options import parse_args
+
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "4"]
+    assert _run([*args, "--train.output_dir", str(tmp_path / "script")]) == 0
+    config = parse_args([*args, "--train.output_dir", str(tmp_path / "python")])
+    run = train_in_python(config)
+    assert isinstance(run, Run) and run.steps == 4 and run.stopped_by is None
+    assert run.best == tmp_path / "python" / "best" and run.final == tmp_path / "python" / "final"
+    assert run.test == json.loads((tmp_path / "python" / "test_metrics.json").read_text())
+    a, b = load_file(tmp_path / "script" / "final" / "model.safetensors"), load_file(run.final / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from_yaml = train_in_python(tmp_path / "python" / "config.yaml")  # the resolved config trains the same way
+    c = load_file(from_yaml.final / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_py_writes_its_own_report_at_the_end(tiny_data, tmp_path):
+    """The end of a run as users get it: train.py writes report.html from the run's own validation split."""
+    out = tmp_path / "run"
+    args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "4", "--train.eval_every", "2"]
+    assert _run([*args, "--train.report", "true", "--train.output_dir", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    data = json.loads(
+        re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1)
+    )
+    validation = _records(out, "validation")
+    assert data["best_step"] == max(validation, key=lambda r: r["summary"])["step"]
+    assert [r["step"] for r in data["validation"]] == [2, 4]
+    assert data["checkpoint"]["modality"]["label"]["both"] is not None  # best/ re-evaluated on validation
+    assert "Confusion matrices (validation)" in page and (out / "report" / "confusion_label.png").is_file()
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,7 @@ def test_weighting_state_round_trips(tmp_path):
     assert torch.equal(restored.history, weighting.history) and restored.epochs_seen == 1
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_same_weights_and_apply_the_same_update(tmp_path):
     script = Path(__file__).with_name("ddp_weighting_check.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path)}

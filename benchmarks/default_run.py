@@ -1,0 +1,61 @@
+"""The README's first command, `accelerate launch train.py`, timed end to end: wall clock (start-up to report),
+steps and training pairs/s, the best checkpoint's validation metrics (chosen on validation) and its test metrics.
+
+    python benchmarks/default_run.py              # -> benchmarks/results/default_run.json
+    python benchmarks/default_run.py --runs 2     # more runs: each one's figures, plus their mean and sample std
+
+The machine's load average before and after each run is recorded: on a shared machine it explains slow runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, timed_train, without_bookkeeping, write_result
+
+sys.path.insert(0, str(ROOT))
+from mmfusion.runlog import best_record, read_run_config  # noqa: E402
+
+
+def one_run(output_dir: Path) -> dict:
+    """Run the README's command (its output directory moved to `output_dir`) and read what it wrote."""
+    command = ["accelerate", "launch", "train.py"]
+    run = timed_train(command, output_dir)
+    history = run.pop("history")
+    best = best_record(history.validation, read_run_config(output_dir).train.best_metric)
+    return {
+        "command": " ".join(command),
+        **run,
+        "steps": history.train[-1]["step"],
+        "epochs": history.train[-1]["epoch"] + 1,
+        "train_pairs_per_s": round(history.train[-1]["pairs_per_s"], 1),
+        "best_step": best["step"],
+        "validation": without_bookkeeping(best),
+        "test": without_bookkeeping(history.test),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    runs = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as directory:
+            runs.append(one_run(Path(directory) / "run"))
+        print(json.dumps({k: runs[-1][k] for k in ("wall_s", "steps", "train_pairs_per_s", "best_step")}))
+    walls = [run["wall_s"] for run in runs]
+    summary = {
+        "wall_s_mean": statistics.fmean(walls),
+        "wall_s_sample_std": statistics.stdev(walls) if len(walls) > 1 else None,
+    }
+    write_result("default_run", {"runs": runs, **summary})
+
+
+if __name__ == "__main__":
+    main()

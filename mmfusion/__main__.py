@@ -1,0 +1,7 @@
+"""`python -m mmfusion`: the `mmfusion` command (see cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
