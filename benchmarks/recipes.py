@@ -90,7 +90,7 @@ class Study:
         if options.runs.exists():
             for line in options.runs.read_text().splitlines():
                 run = json.loads(line)
-                self.finished[(run["set"], run["recipe"], run["seed"], run["fingerprint"])] = run
+                self.finished[(run["set"], run["seed"], run["fingerprint"])] = run
 
     def train_args(self) -> list[str]:
         args = ["--train.cpu_threads", str(self.options.threads), "--train.report", "false"]
@@ -131,7 +131,7 @@ class Study:
         return runs
 
     def run(self, plan: dict) -> dict:
-        key = (plan["set"], plan["recipe"], plan["seed"], plan["fingerprint"])
+        key = run_key(plan)
         if key in self.finished:
             return self.finished[key]
         output_dir = plan["output_dir"]
@@ -200,6 +200,23 @@ class Study:
         return run
 
 
+def run_key(plan: dict) -> tuple[str, int, str]:
+    """Runs are shared by variants that resolve to the same configuration (e.g. a recipe the defaults adopted)."""
+    return plan["set"], plan["seed"], plan["fingerprint"]
+
+
+def same_configuration(plans: list[dict]) -> dict[str, list[str]]:
+    """Recipe -> the other recipes with its resolved configuration on every set (so they share their runs)."""
+    keys = {}
+    for plan in plans:
+        keys.setdefault(plan["recipe"], set()).add(run_key(plan))
+    return {
+        r: [o for o in keys if o != r and keys[o] == keys[r]]
+        for r in keys
+        if any(o != r and keys[o] == keys[r] for o in keys)
+    }
+
+
 def interleaved(plans: list[dict]) -> list[dict]:
     """Seed by seed, set by set, the variants in an order rotated from one set to the next: the load of this shared
     machine drifts over hours, and a time limit turns load into fewer steps, so no recipe should always run first
@@ -226,11 +243,9 @@ def sample_std(values: list[float]) -> float | None:
 
 def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: list[int], recipes: list[str]) -> dict:
     """Per set: each task's test metric per recipe, normalised scores, delta-m; per recipe: the suite means."""
-    fingerprints = {(r["set"], r["recipe"]): r["fingerprint"] for r in runs}  # the latest run of each wins
     by = {}
     for run in runs:
-        if run["seed"] in seeds and run["fingerprint"] == fingerprints[(run["set"], run["recipe"])]:
-            by.setdefault(run["set"], {}).setdefault(run["recipe"], {})[run["seed"]] = run
+        by.setdefault(run["set"], {}).setdefault(run["recipe"], {})[run["seed"]] = run
     summary = {"sets": {}, "recipes": {}}
     for name, tasks in set_tasks.items():
         per_recipe = by.get(name, {})
@@ -319,12 +334,20 @@ def markdown(summary: dict, settings: dict) -> str:
         "# Recipes on the benchmark suite",
         "",
         f"`python benchmarks/recipes.py` ({settings['command']}): every run {settings['time_limit']} s "
-        f"(`--train.time_limit`), {settings['threads']} torch thread(s), at most {settings['jobs']} runs at once, "
+        f"(`--train.time_limit`), torch threads {settings['threads'] or 'per core'}, {settings['jobs']} run(s) "
+        f"at once, "
         f"seeds {settings['seeds']}; test split, best validation checkpoint. Cells: mean ± sample std over seeds. "
         f"Normalised: each task's mean divided by the best recipe mean on it, averaged over the set's tasks. "
-        f"1-minute load average at the start of runs: {settings['load']}.",
+        f"1-minute load average at the start and end of runs: {settings['load']}.",
         "",
     ]
+    for recipe, others in settings["same_configuration"].items():
+        if recipe == "default":
+            lines += [
+                f"`default` (the dataclass defaults) resolves to the same configuration as {', '.join(others)}: "
+                "their rows are the same runs.",
+                "",
+            ]
     recipes = [r for r in summary["recipes"]]
     lines += [
         "## Suite",
@@ -410,9 +433,11 @@ def main() -> None:
         plans += study.plan(name, set_yaml)
     if not options.summarise:
         with ThreadPoolExecutor(options.jobs) as pool:
-            list(pool.map(study.run, interleaved(plans)))
-    wanted = {(p["set"], p["recipe"], p["seed"], p["fingerprint"]) for p in plans}
-    runs = [run for key, run in study.finished.items() if key in wanted]
+            unique = {}
+            for plan in interleaved(plans):
+                unique.setdefault(run_key(plan), plan)
+            list(pool.map(study.run, unique.values()))
+    runs = [{**study.finished[run_key(p)], "recipe": p["recipe"]} for p in plans if run_key(p) in study.finished]
     recipes = [r for r in RECIPES if r in options.only_recipes]
     summary = summarise(runs, set_tasks, options.seeds, recipes)
     loads = [run["load_start"][0] for run in runs] + [run["load_end"][0] for run in runs]
@@ -426,6 +451,7 @@ def main() -> None:
         "runs": str(options.runs.relative_to(ROOT)) if options.runs.is_relative_to(ROOT) else str(options.runs),
         "load": f"{min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f})" if loads else "",
         "recipes": {name: yaml.safe_load(RECIPES[name].read_text()) for name in recipes},
+        "same_configuration": same_configuration(plans),
     }
     table = markdown(summary, settings)
     print(table)

@@ -123,8 +123,9 @@ class FusionConfig:
     image_size: int | None = None
     """Input image side in pixels; the processor resizes to it. Unset: timm and hf encoders take their own input
     size (the model's data config or image processor), the others 64."""
-    image_pooling: Literal["mean", "max"] = "mean"
-    """simple_cnn and torchvision CNNs: feature map to one vector by mean, or max (better at small objects).
+    image_pooling: Literal["mean", "max"] = "max"
+    """simple_cnn, cnn_small/base and torchvision CNNs: feature map to one vector by mean, or max (the default: better
+    at small objects, and the better recipe on the benchmark suite, benchmarks/results/recipes.md).
     torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
@@ -165,8 +166,9 @@ class FusionConfig:
     gradient_checkpointing: bool = False
     """timm and hf encoders: recompute activations in the backward pass instead of storing them (less memory, about
     a third more compute)."""
-    fusion: FusionName = "concat"
-    """concat, gated, cross_attention, film, bilinear or late."""
+    fusion: FusionName = "gated"
+    """concat, gated (the default: a learned per-feature gate between the modalities), cross_attention, film,
+    bilinear or late."""
     dim: int = 128
     """Width of the fused representation."""
     fusion_layers: int = 2
@@ -302,8 +304,9 @@ class TrainConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping)."""
-    loss_weighting: WeightingName = "sum"
-    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
+    loss_weighting: WeightingName = "gradnorm"
+    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm (the default: it
+    balances the tasks' gradient norms on the shared representation, so a slow task is not left behind)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"
