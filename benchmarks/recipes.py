@@ -218,14 +218,14 @@ def same_configuration(plans: list[dict]) -> dict[str, list[str]]:
 
 
 def interleaved(plans: list[dict]) -> list[dict]:
-    """Seed by seed, set by set, the variants in an order rotated from one set to the next: the load of this shared
-    machine drifts over hours, and a time limit turns load into fewer steps, so no recipe should always run first
-    or last, or have all its runs in one stretch."""
+    """The recipes first, then the single-task models; each seed by seed (a complete table for the first seed comes
+    first), set by set, the variants in an order rotated from one set to the next: the load of this shared machine
+    drifts over hours, and a time limit turns load into fewer steps, so no recipe should always run first or last."""
     groups = {}
     for plan in plans:
-        groups.setdefault((plan["seed"], plan["set"]), []).append(plan)
+        groups.setdefault((plan["recipe"].startswith("single"), plan["seed"], plan["set"]), []).append(plan)
     ordered = []
-    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], list(SETS).index(k[1])))):
+    for index, key in enumerate(sorted(groups, key=lambda k: (k[0], k[1], list(SETS).index(k[2])))):
         group = groups[key]
         shift = index % len(group)
         ordered += group[shift:] + group[:shift]
@@ -286,17 +286,21 @@ def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: lis
             "rows": table,
             "delta_m": set_delta_m(per_recipe, tasks, scored, seeds),
         }
+    complete = [
+        s for s, part in summary["sets"].items() if all("normalised" in part["rows"].get(r, {}) for r in recipes)
+    ]
+    summary["complete_sets"] = complete
     for recipe in recipes:
         rows = {s: part["rows"][recipe] for s, part in summary["sets"].items() if recipe in part["rows"]}
-        normalised = {s: row["normalised"] for s, row in rows.items() if "normalised" in row}
         if not rows:
             continue
         summary["recipes"][recipe] = {
-            "normalised": normalised,
-            "mean_normalised": statistics.fmean(normalised.values()) if normalised else None,
-            "complete": len(normalised) == len(set_tasks),
+            "normalised": {s: row["normalised"] for s, row in rows.items() if "normalised" in row},
+            # over the sets every recipe has finished, so the means compare like with like
+            "mean_normalised": statistics.fmean(rows[s]["normalised"] for s in complete) if complete else None,
             "time_to_best_s": statistics.fmean(row["time_to_best_s"] for row in rows.values()),
             "wall_s": statistics.fmean(row["wall_s"] for row in rows.values()),
+            "steps": statistics.fmean(row["steps"] for row in rows.values()),
         }
     default = summary["recipes"].get("default", {}).get("mean_normalised")
     for values in summary["recipes"].values():
@@ -338,7 +342,8 @@ def markdown(summary: dict, settings: dict) -> str:
         f"at once, "
         f"seeds {settings['seeds']}; test split, best validation checkpoint. Cells: mean ± sample std over seeds. "
         f"Normalised: each task's mean divided by the best recipe mean on it, averaged over the set's tasks. "
-        f"1-minute load average at the start and end of runs: {settings['load']}.",
+        f"1-minute load average at the start and end of runs: {settings['load']}. Runs finished: "
+        f"{settings['finished']} (empty cells: not run yet).",
         "",
     ]
     for recipe, others in settings["same_configuration"].items():
@@ -349,12 +354,16 @@ def markdown(summary: dict, settings: dict) -> str:
                 "",
             ]
     recipes = [r for r in summary["recipes"]]
+    complete = summary["complete_sets"]
     lines += [
+        f"Mean normalised: over the {len(complete)} set(s) every recipe has finished "
+        f"({', '.join(complete) or 'none yet'}). Steps: mean optimizer steps per run.",
+        "",
         "## Suite",
         "",
         "| recipe | " + " | ".join(summary["sets"]) + " | mean normalised | default / recipe "
-        "| time to best (s) | wall (s) |",
-        "|" + " --- |" * (len(summary["sets"]) + 5),
+        "| time to best (s) | wall (s) | steps |",
+        "|" + " --- |" * (len(summary["sets"]) + 6),
     ]
     for recipe in recipes:
         values = summary["recipes"][recipe]
@@ -363,7 +372,7 @@ def markdown(summary: dict, settings: dict) -> str:
         ratio = f"{values['default_ratio']:.3f}" if "default_ratio" in values else ""
         lines.append(
             f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {ratio} | {values['time_to_best_s']:.0f} "
-            f"| {values['wall_s']:.0f} |"
+            f"| {values['wall_s']:.0f} | {values['steps']:.0f} |"
         )
     for name, part in summary["sets"].items():
         tasks = part["tasks"]
@@ -432,11 +441,23 @@ def main() -> None:
         set_tasks[name] = [TaskSpec(**task) for task in set_yaml["tasks"]]
         plans += study.plan(name, set_yaml)
     if not options.summarise:
+        unique = {}
+        for plan in interleaved(plans):
+            unique.setdefault(run_key(plan), plan)
+
+        def run_and_report(plan: dict) -> None:
+            study.run(plan)
+            with study.lock:
+                write_tables(study, plans, set_tasks, options)  # tables of what has finished, after every run
+
         with ThreadPoolExecutor(options.jobs) as pool:
-            unique = {}
-            for plan in interleaved(plans):
-                unique.setdefault(run_key(plan), plan)
-            list(pool.map(study.run, unique.values()))
+            list(pool.map(run_and_report, unique.values()))
+    print(write_tables(study, plans, set_tasks, options))
+    print(f"wrote {RESULTS / options.name}.json and .md")
+
+
+def write_tables(study: Study, plans: list[dict], set_tasks: dict, options: argparse.Namespace) -> str:
+    """results/NAME.json and NAME.md from the runs finished so far (missing cells say so); the markdown."""
     runs = [{**study.finished[run_key(p)], "recipe": p["recipe"]} for p in plans if run_key(p) in study.finished]
     recipes = [r for r in RECIPES if r in options.only_recipes]
     summary = summarise(runs, set_tasks, options.seeds, recipes)
@@ -449,18 +470,18 @@ def main() -> None:
         "threads": options.threads,
         "train_args": study.train_args(),
         "runs": str(options.runs.relative_to(ROOT)) if options.runs.is_relative_to(ROOT) else str(options.runs),
+        "finished": f"{len({run_key(p) for p in plans} & set(study.finished))} of {len({run_key(p) for p in plans})}",
         "load": f"{min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f})" if loads else "",
         "recipes": {name: yaml.safe_load(RECIPES[name].read_text()) for name in recipes},
         "same_configuration": same_configuration(plans),
     }
     table = markdown(summary, settings)
-    print(table)
-    (RESULTS / f"{options.name}.md").write_text(table)
     RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{options.name}.md").write_text(table)
     (RESULTS / f"{options.name}.json").write_text(
         json.dumps({"environment": environment(), "settings": settings, **summary}, indent=2)
     )
-    print(f"wrote {RESULTS / options.name}.json and .md")
+    return table
 
 
 if __name__ == "__main__":
