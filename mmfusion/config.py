@@ -20,7 +20,17 @@ DENSE_TASK_TYPES = ("segmentation", "dense_regression")
 """Task types that predict a map per image (dense.py builds their heads) rather than one value per pair."""
 # The registries' names (IMAGE_ENCODERS, TEXT_ENCODERS, FUSIONS, WEIGHTINGS), so --help lists them and typos stop early.
 ImageEncoderName = Literal[
-    "simple_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "timm", "hf"
+    "simple_cnn",
+    "cnn_small",
+    "cnn_base",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
+    "timm",
+    "hf",
 ]
 TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
 FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
@@ -128,8 +138,10 @@ class FusionConfig:
     """Everything needed to build a `FusionModel` (and nothing about data or training)."""
 
     image_encoder: ImageEncoderName = "simple_cnn"
-    """simple_cnn; a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, convnext_tiny, vit_b_16;
-    timm (any timm architecture, --model.image_model) or hf (a transformers vision model, --model.image_model)."""
+    """From scratch: simple_cnn (plain conv stages, `image_widths`), or the residual CNNs cnn_small / cnn_base
+    (GroupNorm, four downsampling stages); a torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0,
+    convnext_tiny, vit_b_16; timm (any timm architecture, --model.image_model) or hf (a transformers vision model,
+    --model.image_model)."""
     image_model: str | None = None
     """timm: an architecture name (resnet50: random weights unless --model.image_weights; resnet50.a1_in1k: that
     pretrained tag), hf-hub:timm/NAME, or a local directory with config.json and weights. hf: a local path or Hub id
@@ -145,8 +157,9 @@ class FusionConfig:
     image_size: int | None = None
     """Input image side in pixels; the processor resizes to it. Unset: timm and hf encoders take their own input
     size (the model's data config or image processor), the others 64."""
-    image_pooling: Literal["mean", "max"] = "mean"
-    """simple_cnn and torchvision CNNs: feature map to one vector by mean, or max (better at small objects).
+    image_pooling: Literal["mean", "max"] = "max"
+    """simple_cnn, cnn_small/base and torchvision CNNs: feature map to one vector by mean, or max (the default: better
+    at small objects, and the better recipe on the benchmark suite, benchmarks/results/recipes.md).
     torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
@@ -190,8 +203,9 @@ class FusionConfig:
     gradient_checkpointing: bool = False
     """timm and hf encoders: recompute activations in the backward pass instead of storing them (less memory, about
     a third more compute)."""
-    fusion: FusionName = "concat"
-    """concat, gated, cross_attention, film, bilinear or late."""
+    fusion: FusionName = "gated"
+    """concat, gated (the default: a learned per-feature gate between the modalities), cross_attention, film,
+    bilinear or late."""
     dim: int = 128
     """Width of the fused representation."""
     fusion_layers: int = 2
@@ -309,8 +323,10 @@ class TrainConfig:
 
     output_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl, checkpoints/, best/ and final/ go."""
-    epochs: int = 3
-    """Passes over the training data (ignored when max_steps > 0 or with a time_limit)."""
+    epochs: float = 0.0
+    """Passes over the training data (ignored when max_steps > 0 or with a time_limit). 0: from the number of
+    training rows N, 5 * sqrt(3000 / N) within [1, 30] (8.7 passes at 1,000 rows, 5 at 3,000, 2.2 at 15,000, 1 from
+    75,000), so a small set gets more passes and a large one more steps; config.yaml records the value used."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: use epochs); with a time_limit, at most this many."""
     time_limit: float = 0.0
@@ -337,8 +353,9 @@ class TrainConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping)."""
-    loss_weighting: WeightingName = "sum"
-    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
+    loss_weighting: WeightingName = "gradnorm"
+    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm (the default: it
+    balances the tasks' gradient norms on the shared representation, so a slow task is not left behind)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -1,5 +1,5 @@
-"""Image encoders: a small CNN, torchvision backbones, any timm model and transformers vision models, all
-returning `EncoderOutput` with the (height, width) grid of their tokens.
+"""Image encoders: small CNNs trained from scratch, torchvision backbones, any timm model and transformers vision
+models, all returning `EncoderOutput` with the (height, width) grid of their tokens.
 
 A CNN's tokens are its final feature map flattened to [B, H*W, C]; a ViT's are its patch tokens (class, register
 and distillation tokens left out). CNNs also give their stage outputs for dense heads (`returns_maps`,
@@ -117,6 +117,74 @@ class SimpleCNN(nn.Module):
             return _feature_map_output(self.features(pixel_values), self.pooling)
         stages = stage_maps(self.features, pixel_values, min_stride=2)
         return _with_maps(_feature_map_output(stages[-1], self.pooling), stages)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm: statistics per sample, so a sample's features never depend on the rest of its batch."""
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm, added to a shortcut (a strided 1x1 convolution where the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            _group_norm(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            _group_norm(out_channels),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), _group_norm(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.branch(x) + self.shortcut(x))
+
+
+RESIDUAL_PRESETS: dict[str, tuple[int, list[int], list[int]]] = {
+    "cnn_small": (32, [32, 64, 128, 256], [1, 1, 1, 1]),
+    "cnn_base": (32, [48, 96, 192, 384], [2, 2, 2, 2]),
+}
+"""Preset -> (stem width, width of each stage, residual blocks per stage)."""
+
+
+class ResidualCNN(nn.Module):
+    """A ResNet-style CNN for training from scratch on small images: a full-resolution 3x3 stem, then stages that
+    each halve the resolution (the first block strided) and stack residual blocks; GroupNorm throughout.
+
+    Four stages give 1/16 of the input side as the token grid (4x4 at 64 px, 14x14 at 224 px) and a receptive
+    field of 93 px (cnn_small) or 213 px (cnn_base; simple_cnn: 22 px), so a token sees a whole object at 64-224 px.
+    """
+
+    def __init__(self, stem: int, widths: list[int], blocks: list[int], pooling: str = "mean") -> None:
+        super().__init__()
+        self.pooling = pooling
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, stem, 3, padding=1, bias=False),
+            _group_norm(stem),
+            nn.ReLU(inplace=True),
+        ]
+        channels = stem
+        for width, count in zip(widths, blocks, strict=True):
+            for index in range(count):
+                layers.append(ResidualBlock(channels, width, stride=2 if index == 0 else 1))
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.out_dim = channels
+
+    @classmethod
+    def from_config(cls, config: FusionConfig, weights: bool = True) -> ResidualCNN:
+        """The preset `config.image_encoder` names (random initialisation: there are no weights to load)."""
+        stem, widths, blocks = RESIDUAL_PRESETS[config.image_encoder]
+        return cls(stem, widths, blocks, config.image_pooling)
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        return _feature_map_output(self.features(pixel_values), self.pooling)
 
 
 class TorchvisionEncoder(nn.Module):
@@ -304,6 +372,7 @@ class HFImageEncoder(nn.Module):
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16")
 IMAGE_ENCODERS = {
     "simple_cnn": SimpleCNN,
+    **{name: ResidualCNN for name in RESIDUAL_PRESETS},
     **{name: TorchvisionEncoder for name in TORCHVISION_BACKBONES},
     "timm": TimmImageEncoder,
     "hf": HFImageEncoder,

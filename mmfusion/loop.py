@@ -87,7 +87,7 @@ class Loop:
         if self.cfg.max_steps:
             return self.cfg.max_steps
         per_epoch = math.ceil(self.epoch_batches / self.cfg.grad_accumulation)
-        return (1000 if self.cfg.time_limit else self.cfg.epochs) * per_epoch
+        return math.ceil((1000 if self.cfg.time_limit else self.cfg.epochs) * per_epoch)
 
     def evaluations(self, steps: int) -> int:
         """How many evaluations a run of `steps` steps makes (each epoch's, or every eval_every steps, and the last)."""
@@ -308,6 +308,8 @@ class Loop:
         validation = "a stream of" if self.streaming else f"{len(self.val_set):,}"
         pairs = self.cfg.batch_size * self.accelerator.num_processes * self.cfg.grad_accumulation
         steps = f"{self.plan.total} steps" if not self.budget else f"steps planned to {self.cfg.time_limit:g}s"
+        if not (self.budget or self.cfg.max_steps):
+            steps += f" ({self.cfg.epochs:g} epochs)"
         parameters = (
             f"{unwrapped.num_parameters():,} parameters ({unwrapped.num_parameters(trainable_only=True):,} trainable)"
         )

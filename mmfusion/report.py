@@ -134,7 +134,7 @@ def file_name(prefix: str, task: str) -> str:
 def describe_run(config: Config) -> list[list[str]]:
     """Configuration rows of the header: the model's parts, the data and the optimisation."""
     train = config.train
-    length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epochs"
+    length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epochs"
     if train.time_limit:
         length = f"planned to {train.time_limit:g} s" + (
             f" (at most {train.max_steps} steps)" if train.max_steps else ""

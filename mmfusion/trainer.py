@@ -40,6 +40,7 @@ from .training import (
     aux_scale,
     build_optimizer,
     build_scheduler,
+    epochs_for,
     load_training_state,
     resolve_resume,
     seed_step,
@@ -179,13 +180,17 @@ def model_architecture(config: Config, init: Path | None) -> FusionConfig:
 
 def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
-    size, longest text; with init_from, reused regression heads keep the checkpoint's target statistics) and where
-    the data came from (`data` given in Python: its path, or a note that it was passed in memory)."""
+    size, longest text, the number of epochs when it follows the data size; with init_from, reused regression heads
+    keep the checkpoint's target statistics) and where the data came from (`data` given in Python: its path, or a
+    note that it was passed in memory)."""
     tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
     model = dataclasses.replace(config.model, **prepared.model_settings)
     path = config.data.path if data is None else str(data) if isinstance(data, (str, Path)) else None
     source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")
-    return dataclasses.replace(config, model=model, tasks=tasks, data=source)
+    train, rows = config.train, prepared.datasets["train"]
+    if not (train.epochs or train.max_steps or train.time_limit) and hasattr(rows, "__len__"):
+        train = dataclasses.replace(train, epochs=epochs_for(len(rows)))
+    return dataclasses.replace(config, model=model, tasks=tasks, data=source, train=train)
 
 
 def use_feature_cache(model: FusionModel, prepared: Prepared, config: Config, accelerator: Accelerator):

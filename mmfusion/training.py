@@ -135,6 +135,12 @@ def build_scheduler(optimizer, train: TrainConfig, plan: StepPlan) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+def epochs_for(rows: int) -> float:
+    """`train.epochs` 0: 5 passes at 3,000 training rows, scaled by sqrt(3000 / rows), within [1, 30] (2 decimals).
+    The total number of pairs seen grows with the data (as its square root) while the passes shrink."""
+    return round(min(30.0, max(1.0, 5.0 * math.sqrt(3000 / max(1, rows)))), 2)
+
+
 def aux_scale(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of every deep-supervision loss at `step`: 1 throughout, or decaying from 1 to 0."""
     progress = min(1.0, step / max(1, total_steps))

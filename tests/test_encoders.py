@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_batch, tiny_config
 
-from mmfusion.image_encoders import build_image_encoder, load_backbone_weights
+from mmfusion import FusionConfig, FusionModel
+from mmfusion.image_encoders import IMAGE_ENCODERS, ResidualCNN, build_image_encoder, load_backbone_weights
 from mmfusion.text_encoders import build_text_encoder
 
 
@@ -85,3 +86,53 @@ def test_hf_encoder_reproduces_sentence_transformers(minilm_path, pooling):
     else:  # all-MiniLM-L6-v2 is mean pooling + L2 normalisation
         reference = SentenceTransformer(minilm_path, device="cpu").encode(sentences, convert_to_tensor=True)
         torch.testing.assert_close(torch.nn.functional.normalize(out.pooled, dim=-1), reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,size,tokens,dim", [("cnn_small", 64, 16, 256), ("cnn_small", 48, 9, 256), ("cnn_base", 32, 4, 384)]
+)
+def test_residual_cnn_tokens_pooling_and_gradients(name, size, tokens, dim):
+    torch.manual_seed(0)
+    encoder = IMAGE_ENCODERS[name].from_config(tiny_config(image_encoder=name, image_pooling="max"))
+    out = encoder(torch.randn(3, 3, size, size))
+    assert encoder.out_dim == dim and out.tokens.shape == (3, tokens, dim) and out.mask.all()
+    torch.testing.assert_close(out.pooled, out.tokens.amax(1))
+    (out.pooled.sum() + out.tokens.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    assert type(build_image_encoder(tiny_config(image_encoder=name))) is type(encoder)
+
+
+def test_residual_cnn_sample_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    encoder = build_image_encoder(tiny_config(image_encoder="cnn_small")).train()  # GroupNorm: per sample
+    images = torch.randn(4, 3, 64, 64)
+    alone = encoder(images[:1]).tokens
+    torch.testing.assert_close(encoder(images).tokens[:1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encoder(torch.cat([images[:1], -images[1:]])).tokens[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,field", [("cnn_small", 93), ("cnn_base", 213), ("simple_cnn", 22)])
+def test_receptive_field_of_a_token(name, field):
+    """The pixels a central token sees through the convolutions (GroupNorm, which mixes positions, taken out)."""
+    torch.manual_seed(0)
+    encoder = build_image_encoder(FusionConfig(image_encoder=name))
+    for module_name, module in list(encoder.named_modules()):
+        if isinstance(module, torch.nn.GroupNorm):
+            parent, _, child = module_name.rpartition(".")
+            setattr(encoder.get_submodule(parent), child, torch.nn.Identity())
+    image = torch.rand(1, 3, 240, 240, requires_grad=True)
+    features = encoder.features(image)
+    features[0, :, features.shape[2] // 2, features.shape[3] // 2].sum().backward()
+    rows = image.grad.abs().sum((0, 1, 3)).nonzero().flatten()
+    assert rows.max() - rows.min() + 1 == field
+
+
+def test_residual_cnn_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config(image_encoder="cnn_small", fusion="gated")).eval()
+    batch = tiny_batch(image_size=32)
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    loaded = FusionModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt")).eval()
+    assert isinstance(loaded.image_encoder, ResidualCNN)
+    for name, logits in model(**inputs).logits.items():
+        torch.testing.assert_close(loaded(**inputs).logits[name], logits)

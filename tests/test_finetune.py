@@ -76,13 +76,13 @@ def test_fine_tune_from_checkpoint_with_a_new_and_a_changed_task(pretrained, tmp
         "--train.freeze_encoders_steps",
         "3",
         "--model.fusion",
-        "gated",
-    ]  # --model.fusion is ignored: the architecture comes from the checkpoint
+        "concat",
+    ]  # --model.fusion is ignored: the architecture comes from the checkpoint (the default, gated)
     assert _run(args) == 0
     printed = capsys.readouterr().out
     assert "re-initialised heads (new or changed tasks): ['label', 'mood']" in printed
     tuned = json.loads((out / "final" / "config.json").read_text())
-    assert tuned["fusion"] == "concat" and {t["name"] for t in tuned["tasks"]} == {"label", "mood", "score", "tags"}
+    assert tuned["fusion"] == "gated" and {t["name"] for t in tuned["tasks"]} == {"label", "mood", "score", "tags"}
     # encoders were frozen for all 3 steps: they still equal the checkpoint's
     before, after = load_file(pretrained / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     encoder_keys = [k for k in before if k.startswith(("image_encoder.", "text_encoder."))]

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from mmfusion.fusions import FUSIONS  # noqa: E402
+from mmfusion.training import epochs_for  # noqa: E402
 
 TINY = [
     "--model.image_widths",
@@ -462,3 +463,23 @@ def test_train_py_writes_its_own_report_at_the_end(tiny_data, tmp_path):
     assert [r["step"] for r in data["validation"]] == [2, 4]
     assert data["checkpoint"]["modality"]["label"]["both"] is not None  # best/ re-evaluated on validation
     assert "Confusion matrices (validation)" in page and (out / "report" / "confusion_label.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "rows,epochs", [(1, 30.0), (1000, 8.66), (3000, 5.0), (15000, 2.24), (75000, 1.0), (10**6, 1.0)]
+)
+def test_epochs_follow_the_number_of_training_rows(rows, epochs):
+    assert epochs_for(rows) == epochs
+
+
+def test_default_epochs_come_from_the_training_rows_and_are_recorded(tiny_data, tmp_path, capsys):
+    common = ["--data.path", str(tiny_data), *TINY, "--train.eval_every", "1000", "--train.save_every", "1000"]
+    out = tmp_path / "run"
+    assert _run([*common, "--train.batch_size", "40", "--train.output_dir", str(out)]) == 0
+    # 40 training rows: 5 * sqrt(3000 / 40) = 43.3 passes, at most 30; one batch of 40 per pass
+    assert "30 steps (30 epochs)" in capsys.readouterr().out
+    assert "epochs: 30.0" in (out / "config.yaml").read_text()
+    assert max(r["step"] for r in _records(out, "train")) == 30
+    given = tmp_path / "given"
+    assert _run([*common, "--train.batch_size", "20", "--train.epochs", "1.5", "--train.output_dir", str(given)]) == 0
+    assert max(r["step"] for r in _records(given, "train")) == 3

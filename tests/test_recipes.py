@@ -1,0 +1,143 @@
+"""benchmarks/recipes.py: how a run's configuration is merged, which runs are shared, the run order, and the
+figures of its tables (normalised scores, sample std, delta-m) on hand-made run records."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfusion.config import TaskSpec
+from mmfusion.metrics import delta_m
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from recipes import fingerprint, interleaved, merged_config, run_key, same_configuration, summarise
+
+SET_YAML = {
+    "data": {"path": "/data/clutter", "text_column": "question"},
+    "model": {"image_size": 96},
+    "tasks": [{"name": "shape", "type": "classification"}, {"name": "count", "type": "regression"}],
+}
+
+
+def test_the_set_decides_data_and_tasks_and_the_recipe_the_rest():
+    recipe = {
+        "model": {"image_size": 32, "fusion": "concat"},
+        "data": {"path": "elsewhere", "augment": False},
+        "train": {"lr": 0.001},
+        "tasks": [{"name": "align", "type": "matching"}],
+    }
+    config = merged_config(SET_YAML, recipe)
+    assert config["model"] == {"image_size": 96, "fusion": "concat"}
+    assert config["data"] == {"path": "/data/clutter", "text_column": "question", "augment": False}
+    assert config["train"] == {"lr": 0.001}
+    assert [t["name"] for t in config["tasks"]] == ["shape", "count", "align"]
+    alone = merged_config(SET_YAML, {}, [SET_YAML["tasks"][1]])
+    assert [t["name"] for t in alone["tasks"]] == ["count"]
+
+
+def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
+    files = {}
+    recipes = {"a": {}, "b": {"data": {"on_error": "raise"}}, "c": {"model": {"fusion": "film"}}}
+    for name, recipe in recipes.items():
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(merged_config(SET_YAML, recipe)))
+    base = fingerprint(files["a"], ["--train.time_limit", "60"])
+    assert fingerprint(files["a"], ["--train.time_limit", "60", "--train.seed", "3", "--train.output_dir", "x"]) == base
+    assert fingerprint(files["a"], ["--train.time_limit", "90"]) != base
+    # the defaults are part of the fingerprint: a recipe that spells out a default resolves the same
+    assert fingerprint(files["b"], ["--train.time_limit", "60"]) == base
+    assert fingerprint(files["c"], ["--train.time_limit", "60"]) != base
+
+
+def _plan(recipe, seed, name="clutter", key="k"):
+    return {"set": name, "recipe": recipe, "seed": seed, "fingerprint": f"{key}-{recipe}"}
+
+
+def test_run_order_rotates_recipes_puts_seed_zero_first_and_single_task_models_last():
+    plans = [_plan(r, seed, name) for name in ("clutter", "glyphs") for r in ("a", "b", "single: x") for seed in (0, 1)]
+    order = [(p["recipe"], p["seed"], p["set"]) for p in interleaved(plans)]
+    assert order == [
+        ("a", 0, "clutter"),
+        ("b", 0, "clutter"),
+        ("b", 0, "glyphs"),
+        ("a", 0, "glyphs"),
+        ("a", 1, "clutter"),
+        ("b", 1, "clutter"),
+        ("b", 1, "glyphs"),
+        ("a", 1, "glyphs"),
+        ("single: x", 0, "clutter"),
+        ("single: x", 0, "glyphs"),
+        ("single: x", 1, "clutter"),
+        ("single: x", 1, "glyphs"),
+    ]
+
+
+def test_recipes_with_the_same_configuration_share_their_runs():
+    plans = [
+        {**_plan(r, s), "fingerprint": "same" if r in ("default", "tuned") else r}
+        for r in ("default", "tuned", "other")
+        for s in (0, 1)
+    ]
+    assert run_key(plans[0]) == run_key(plans[2])
+    assert same_configuration(plans) == {"default": ["tuned"], "tuned": ["default"]}
+
+
+def _run(recipe, seed, shape, count, pair=0.001):
+    test = {"shape": {"macro_f1": shape, "accuracy": shape + 0.1}, "count": {"r2": count, "mae": 1 - count}}
+    if pair is not None:
+        test["pair"] = {"recall@1": pair}
+    return {
+        "set": "clutter",
+        "recipe": recipe,
+        "seed": seed,
+        "test": test,
+        "time_to_best_s": 10.0 * (seed + 1),
+        "wall_s": 100.0,
+        "steps": 50,
+        "load_start": [1.0, 1.0, 1.0],
+    }
+
+
+def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_computes_delta_m():
+    tasks = [TaskSpec("shape"), TaskSpec("count", "regression"), TaskSpec("pair", "matching")]
+    runs = [
+        _run("default", 0, 0.8, 0.5),
+        _run("default", 1, 0.6, 0.7),
+        _run("seed", 0, 0.5, 0.8),
+        _run("seed", 1, 0.5, 0.6),
+        _run("single: shape", 0, 0.7, 0.0, None),
+        _run("single: shape", 1, 0.7, 0.0, None),
+        _run("single: count", 0, 0.0, 0.4, None),
+        _run("single: count", 1, 0.0, 0.6, None),
+    ]
+    summary = summarise(runs, {"clutter": tasks}, [0, 1], ["default", "seed"])
+    part = summary["sets"]["clutter"]
+    assert part["left_out"] == ["pair"] and part["best"] == {"shape": 0.7, "count": 0.7, "pair": 0.001}
+    default, seed = part["rows"]["default"], part["rows"]["seed"]
+    assert default["shape"]["mean"] == pytest.approx(0.7)
+    assert default["shape"]["std"] == pytest.approx(statistics.stdev([0.8, 0.6]))  # sample std, not population
+    # best: shape 0.7 (default), count 0.7 (seed); default's count 0.6, seed's shape 0.5
+    assert default["normalised"] == pytest.approx((1 + 0.6 / 0.7) / 2)
+    assert seed["normalised"] == pytest.approx((0.5 / 0.7 + 1) / 2)
+    assert default["gap_points"] == {"shape": 0.0, "count": 10.0} and seed["gap_points"] == {
+        "shape": 20.0,
+        "count": 0.0,
+    }
+    assert default["time_to_best_s"] == 15.0
+    assert summary["recipes"]["default"]["default_ratio"] == 1.0
+    assert summary["recipes"]["seed"]["default_ratio"] == pytest.approx(default["normalised"] / seed["normalised"])
+    assert summary["complete_sets"] == ["clutter"]
+    single = {(r["recipe"], r["seed"]): r["test"] for r in runs}
+    expected = [
+        delta_m(runs[seed]["test"], {t: single[(f"single: {t}", seed)][t] for t in ("shape", "count")}, tasks[:2])
+        for seed in (0, 1)
+    ]
+    assert part["delta_m"]["per_seed"] == pytest.approx(expected)
+    assert summary["delta_m"] == pytest.approx(statistics.fmean(expected))
+    without_seed_one = summarise([r for r in runs if r != runs[-1]], {"clutter": tasks}, [0, 1], ["default", "seed"])
+    assert without_seed_one["sets"]["clutter"]["delta_m"]["per_seed"] == pytest.approx(expected[:1])
