@@ -224,6 +224,13 @@ def infer_tasks(train: Dataset | IterableDataset, config: DataConfig) -> tuple[l
                 f"column {name!r} (file paths) ignored: for masks, declare a segmentation or dense_regression task"
             )
             continue
+        distinct = _distinct_strings(train, feature, name) if kind == "classification" else 0
+        if distinct > MAX_INFERRED_CLASSES:
+            notes.append(
+                f"column {name!r} (text, {distinct} distinct values) ignored: free text rather "
+                "than labels; declare a classification task to train on it"
+            )
+            continue
         tasks.append(TaskSpec(name=name, type=kind))
         notes.append(f"column {name!r} ({_describe(feature)}) -> {kind} task")
     if not tasks:
@@ -254,6 +261,21 @@ def _mostly_decimal_strings(train: Dataset | IterableDataset, feature: Any, colu
 
 
 FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
+
+
+MAX_INFERRED_CLASSES = 100
+"""A text column with more distinct values than this, each seen fewer than 20 times on average, is free text (a
+second caption, a referral), not labels: task inference leaves it out."""
+
+
+def _distinct_strings(train: Dataset | IterableDataset, feature: Any, column: str) -> int:
+    """Distinct values of a text column (a stream: in its first 10,000 rows), when they average fewer than 20 rows
+    each; else 0."""
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return 0
+    values = _column_values(train, [column], limit=10_000)[column]
+    distinct = len(set(values))
+    return distinct if distinct * 20 > len(values) else 0
 
 
 def _holds_files(train: Dataset | IterableDataset, feature: Any, column: str) -> bool:

@@ -141,6 +141,25 @@ def test_task_inference_from_column_types(tmp_path):
     assert fitted["score"].target_mean == pytest.approx(sum(scores) / 12)
 
 
+def test_task_inference_leaves_out_free_text_but_keeps_many_classes():
+    """Over 100 distinct strings averaging fewer than 20 rows each is free text (a second caption, a referral), not
+    labels; 101 classes of 20 rows each are labels."""
+    rows = 2020
+    table = datasets.Dataset.from_dict(
+        {
+            "caption": ["a picture"] * rows,
+            "referral": [f"the {i % 102} blue things" for i in range(rows)],
+            "kind": [f"class {i % 101}" for i in range(rows)],
+        }
+    )
+    tasks, notes = infer_tasks(table, _config("unused"))
+    assert [(spec.name, spec.type) for spec in tasks] == [("kind", "classification")]
+    assert (
+        "column 'referral' (text, 102 distinct values) ignored: free text rather than labels; declare a "
+        "classification task to train on it"
+    ) in notes
+
+
 def test_column_mapping_and_missing_columns(tmp_path):
     make_imagefolder(tmp_path)
     config = _config(tmp_path, text_column="caption")
