@@ -108,6 +108,7 @@ class Loop:
         report = REPORT_PASSES * self.evaluation_seconds + REPORT_SECONDS if self.cfg.report else 0.0
         end = (1 + test_share) * self.evaluation_seconds + report
         total = self.budget.plan(step_seconds, self.evaluation_seconds, self.evaluations, end, self.state.step)
+        total = -self.most_over_processes(-total)  # every process plans from its own clock: the fewest steps hold
         first = self.state.total_steps is None
         self.plan.total = self.state.total_steps = min(total, self.cfg.max_steps or total)
         self.progress.total = self.plan.total
@@ -165,7 +166,7 @@ class Loop:
         if self.budget and state.total_steps is None:
             self.time_warmup()
         end_of_epoch = state.batches_in_epoch == self.epoch_batches
-        if self.budget and self.budget.must_stop(self.evaluation_seconds) and not self.done:
+        if self.budget and self.any_process(self.budget.must_stop(self.evaluation_seconds)) and not self.done:
             self.stop("time_limit")
         finishing = self.done
         log_now = state.step % cfg.log_every == 0 or finishing
@@ -194,6 +195,15 @@ class Loop:
             self.warmup_started, self.paused = time.perf_counter(), 0.0
         elif self.state.step == self.budget.warmup_from + self.budget.warmup_steps:
             self.evaluate_and_keep_best()  # timed; it re-plans
+
+    def most_over_processes(self, value: int) -> int:
+        """The largest of the processes' values (one small all-gather), so that they take the same decision."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
+
+    def any_process(self, flag: bool) -> bool:
+        return bool(self.most_over_processes(int(flag)))
 
     def write_event(self, event: str, **values) -> None:
         """An event of the run (planning, stopping) in metrics.jsonl."""

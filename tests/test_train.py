@@ -312,6 +312,19 @@ def test_two_processes_train_and_evaluate_every_fusion_with_sum_and_gradnorm(tin
             assert _records(run, "validation")[-1]["step"] == 3 and (run / "test_metrics.json").is_file(), run.name
 
 
+@pytest.mark.slow
+def test_two_processes_with_a_time_limit_plan_and_stop_together(tiny_data, tmp_path):
+    """Each process times the run on its own clock (here process 1's says 3 s later): they must still plan the
+    same number of steps and stop at the same one, or the one that goes on waits for the other forever."""
+    script = ROOT / "tests" / "ddp_time_limit_check.py"
+    args = [str(tiny_data), str(tmp_path / "run"), *TINY, "--train.time_limit", "25", "--train.report", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([*TWO_PROCESSES, str(script), *args], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = ((tmp_path / "run" / f"process_{i}.txt").read_text() for i in (0, 1))
+    assert first == second and int(first.split()[0]) > 12, (first, second)
+
+
 @pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"])
 def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, weighting):
     out = tmp_path / "run"
