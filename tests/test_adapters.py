@@ -165,7 +165,7 @@ def test_layer_decay_scales_each_blocks_learning_rate(tiny_sources):
     assert lr["image_encoder.model.embeddings.patch_embeddings.projection.weight"] == 0.125
     assert lr["image_encoder.model.layers.1.mlp.fc2.weight"] == 0.5
     assert lr["image_encoder.model.layernorm.weight"] == 1.0
-    assert lr["fusion.project.weight"] == lr["heads.topic.output.weight"] == 0.5  # new parts: --train.lr
+    assert lr["fusion.image.weight"] == lr["heads.topic.output.weight"] == 0.5  # new parts: --train.lr
     flat = build_optimizer(model, TrainConfig(lr=0.5, encoder_lr=1.0))
     assert sorted({group["lr"] for group in flat.param_groups}) == [0.5, 1.0]
 

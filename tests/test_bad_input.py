@@ -332,7 +332,7 @@ def test_checkpoint_from_another_config(base, checkpoint, tmp_path, capsys):
         code == 2
         and "model.safetensors does not match" in out
         and "shape mismatch" in out
-        and "fusion.project.weight" in out
+        and "fusion.image.weight: expected (48, 16), found (32, 16)" in out
     )
 
 

@@ -256,7 +256,7 @@ def test_inspect_shows_architecture_tasks_parameters_and_run_metrics(capsys, che
     code, out, err = run(capsys, "inspect", checkpoint)
     assert code == 0, err
     model = FusionModel.from_pretrained(checkpoint)
-    assert "simple_cnn" in out and "lstm" in out and "concat" in out
+    assert "simple_cnn" in out and "lstm" in out and "fusion         gated" in out
     assert "3 labels: bird, cat, dog" in out and "3 labels: blue, green, red" in out
     assert "target mean 2, std 3" in out
     table = {

@@ -16,12 +16,15 @@ from mmfusion.text_encoders import build_text_encoder
     [("simple_cnn", 32, 64, 16), ("resnet18", 64, 4, 512), ("efficientnet_b0", 64, 4, 1280), ("vit_b_16", 32, 4, 768)],
 )
 def test_image_encoder_tokens_and_pooled(name, size, tokens, dim):
-    encoder = build_image_encoder(tiny_config(image_encoder=name, image_size=size)).eval()
-    out = encoder(torch.randn(2, 3, size, size))
-    assert encoder.out_dim == dim
-    assert out.tokens.shape == (2, tokens, dim) and out.pooled.shape == (2, dim) and out.mask.all()
-    if name != "vit_b_16":  # CNN: pooled is the mean of the flattened feature map
-        torch.testing.assert_close(out.pooled, out.tokens.mean(1))
+    images = torch.randn(2, 3, size, size)
+    for pooling, pool in (("mean", lambda t: t.mean(1)), ("max", lambda t: t.amax(1))):
+        torch.manual_seed(0)
+        encoder = build_image_encoder(tiny_config(image_encoder=name, image_size=size, image_pooling=pooling)).eval()
+        out = encoder(images)
+        assert encoder.out_dim == dim
+        assert out.tokens.shape == (2, tokens, dim) and out.pooled.shape == (2, dim) and out.mask.all()
+        if name != "vit_b_16":  # CNN: pooled is the mean or max of the flattened feature map
+            torch.testing.assert_close(out.pooled, pool(out.tokens))
 
 
 def test_backbone_weights_load_from_a_local_file(tmp_path):
