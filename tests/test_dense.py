@@ -8,7 +8,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import TWO_PROCESSES, _launch, _records, _run
+from test_train import _one_and_two_processes, _records, _run
 
 from mmfusion import Config, FusionConfig, FusionModel, Predictor, TaskSpec, cli
 from mmfusion.config import DataConfig
@@ -707,11 +706,7 @@ def test_two_processes_match_one_process_on_dense_tasks(dense_data, tmp_path):
     common += ["--model.text_dim", "16", "--model.decoder_dim", "8", "--model.dropout", "0"]
     common += ["--train.max_steps", "4", "--train.eval_every", "4", "--train.eval_batch_size", "3"]
     common += ["--train.loss_weighting", "gradnorm", "--train.report", "false"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = _launch([*common, "--train.batch_size", "4", "--train.output_dir", str(two)], tmp_path, TWO_PROCESSES)
-    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _one_and_two_processes(common, tmp_path)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=2e-6, msg=name)

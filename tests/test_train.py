@@ -241,11 +241,22 @@ TWO_PROCESSES = [
 ]
 
 
-def _launch(args: list[str], tmp_path: Path, launcher: list[str], script: Path = ROOT / "train.py"):
+def _launch(args: list[str], tmp_path: Path, launcher: list[str], script: Path = ROOT / "train.py", timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
     if launcher == TWO_PROCESSES:
         env["ACCELERATE_USE_CPU"] = "1"  # two real CPU processes (`--cpu --num_processes 2` starts one)
-    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The same run on one process with batch 8 and on two with batch 4 (the same global batch): the two output
+    directories."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _launch([*common, "--train.batch_size", "4", "--train.output_dir", str(two)], tmp_path, TWO_PROCESSES)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return one, two
 
 
 def test_bf16_autocast_on_cpu_trains_close_to_float32(tiny_data, tmp_path, monkeypatch):
@@ -285,11 +296,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         "--train.eval_every",
         "6",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = _launch([*common, "--train.batch_size", "4", "--train.output_dir", str(two)], tmp_path, TWO_PROCESSES)
-    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _one_and_two_processes(common, tmp_path)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -318,8 +325,7 @@ def test_two_processes_with_a_time_limit_plan_and_stop_together(tiny_data, tmp_p
     same number of steps and stop at the same one, or the one that goes on waits for the other forever."""
     script = ROOT / "tests" / "ddp_time_limit_check.py"
     args = [str(tiny_data), str(tmp_path / "run"), *TINY, "--train.time_limit", "25", "--train.report", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run([*TWO_PROCESSES, str(script), *args], env=env, capture_output=True, text=True, timeout=240)
+    result = _launch(args, tmp_path, TWO_PROCESSES, script, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = ((tmp_path / "run" / f"process_{i}.txt").read_text() for i in (0, 1))
     assert first == second and int(first.split()[0]) > 12, (first, second)
