@@ -8,11 +8,11 @@
 Recipes are YAML files: `configs/baseline_seed.yaml` (`seed`) and `benchmarks/recipes/NAME.yaml`; `default` is
 empty, i.e. the dataclass defaults. A run trains `train.py --config MERGED` where MERGED is the set's tasks.yaml
 (data, image size, tasks) with the recipe's options on top; tasks a recipe lists are added to the set's (e.g. an
-auxiliary matching task). `single` trains the default recipe on each task of a set alone (same time limit), the
-baselines of delta-m (none for tasks whose ceiling in results/suite_ceilings.json is below 0.05). Each finished
-run is a line of `--runs` (JSON Lines, with its resolved configuration's fingerprint and the load average at its
-start and end); runs already there are reused, so an interrupted study continues where it stopped and an edited
-recipe runs again.
+auxiliary matching task). `single` trains the default recipe on each task of a set alone (losses summed, same
+time limit), the baselines of delta-m (none for tasks whose ceiling in results/suite_ceilings.json is below
+0.05). Each finished run is a line of `--runs` (JSON Lines, with its resolved configuration's fingerprint and the
+load average at its start and end); runs already there are reused, so an interrupted study continues where it
+stopped and an edited recipe runs again.
 
 Writes benchmarks/results/recipes.json and recipes.md: per set and task the test primary metric (mean and sample
 std over seeds); per recipe the mean normalised score (each task's metric divided by the best recipe mean on it,
@@ -70,12 +70,20 @@ def merged_config(set_yaml: dict, recipe: dict, tasks: list[dict] | None = None)
     return config
 
 
+ADDED_SETTINGS = {("train", "gradnorm_alpha"): 1.5}
+"""Settings added after runs were recorded, with the value that trains as before they existed: left out of the
+fingerprint at that value, so the recorded runs keep theirs."""
+
+
 def fingerprint(config_file: Path, extra: list[str]) -> str:
     """A hash of the configuration train.py resolves (defaults included), without the seed and the output path:
     a run recorded under another fingerprint was trained differently and is not reused."""
     resolved = parse_args(["--config", str(config_file), *extra], prog="recipes.py").to_dict()
     for key in ("output_dir", "seed"):
         resolved["train"].pop(key)
+    for (section, key), value in ADDED_SETTINGS.items():
+        if resolved[section].get(key) == value:
+            resolved[section].pop(key)
     resolved.pop("config")
     return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -106,6 +114,9 @@ class Study:
         for recipe in self.options.only_recipes:
             if recipe == "single":
                 default = yaml.safe_load(RECIPES["default"].read_text()) or {}
+                # One task leaves a loss weighting nothing to balance: summed, the same model trains whichever
+                # weighting the default has, so the single-task models serve every candidate weighting.
+                default.setdefault("train", {})["loss_weighting"] = "sum"
                 for task in set_yaml["tasks"]:
                     if CEILINGS[name]["tasks"][task["name"]]["perfect"] >= NEAR_ZERO:
                         variants[f"single: {task['name']}"] = merged_config(set_yaml, default, [task])

@@ -356,6 +356,9 @@ class TrainConfig:
     loss_weighting: WeightingName = "gradnorm"
     """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm (the default: it
     balances the tasks' gradient norms on the shared representation, so a slow task is not left behind)."""
+    gradnorm_alpha: float = 1.5
+    """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
+    0 makes the tasks' weighted gradient norms equal)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -85,7 +85,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     if init:
         log(load_compatible(model, init))
     collate = use_feature_cache(model, prepared, config, accelerator)
-    weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed)
+    weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process), collate)
     scheduler = build_scheduler(optimizer, cfg, loop.plan)

@@ -261,14 +261,16 @@ class MGDAWeighting(TorchJDWeighting):
 
 
 class GradNormWeighting(GradientWeighting):
-    """GradNorm (Chen et al. 2018), alpha = 1.5, on the shared representation: weights move so that each task's
-    weighted gradient norm approaches the mean norm times its relative inverse training rate."""
+    """GradNorm (Chen et al. 2018) on the shared representation: weights move so that each task's weighted
+    gradient norm approaches the mean norm times its relative inverse training rate to the power `alpha` (0: the
+    norms are made equal, whatever each loss has done so far)."""
 
     space = "representation"
-    alpha, learning_rate = 1.5, 0.025
+    learning_rate = 0.025
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0, alpha: float = 1.5) -> None:
         super().__init__(tasks, seed)
+        self.alpha = alpha
         self.register_buffer("learned", torch.ones(len(tasks)))
         self.register_buffer("initial_loss", torch.zeros(len(tasks)))
 
@@ -304,9 +306,11 @@ WEIGHTINGS = {
 }
 
 
-def build_weighting(name: str, tasks: list[TaskSpec], seed: int = 0) -> LossWeighting:
+def build_weighting(name: str, tasks: list[TaskSpec], seed: int = 0, gradnorm_alpha: float = 1.5) -> LossWeighting:
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
+    if name == "gradnorm":
+        return GradNormWeighting(tasks, seed, alpha=gradnorm_alpha)
     return WEIGHTINGS[name](tasks, seed)
 
 

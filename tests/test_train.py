@@ -172,6 +172,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--train.lr", "-1"], "--train.lr must be > 0"),
         (["--model.fusion", "nope"], "invalid choice 'nope' for argument '--model.fusion'"),
         (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
+        (["--train.gradnorm_alpha", "-0.5"], "--train.gradnorm_alpha must be >= 0, got -0.5"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
     ],
 )

@@ -108,6 +108,21 @@ def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     torch.testing.assert_close(weighting.current.sum(), torch.tensor(2.0))
 
 
+def test_gradnorm_alpha_decides_whether_a_task_that_learned_faster_loses_weight():
+    """Equal gradient norms; task a's loss falls 10x faster than b's. With alpha 1.5 GradNorm moves weight to b
+    (the slower task); with alpha 0 the weighted norms are already equal, so the weights stay 1."""
+    z = torch.ones(3, requires_grad=True)
+    weights = {}
+    for alpha in (1.5, 0.0):
+        weighting = build_weighting("gradnorm", TASKS, gradnorm_alpha=alpha)
+        for step in range(8):  # both gradients are ones(3); the loss values follow their own schedules
+            losses = {"a": z.sum() - 3 + 3 * 10 ** (-step / 4), "b": z.sum() - 3 + 3 * 10 ** (-step / 40)}
+            weighting.observe(losses, BOTH, [z], ONE_PROCESS)
+        weights[alpha] = weighting.current
+    assert weights[1.5][0] < 0.9 and weights[1.5][1] > 1.1
+    torch.testing.assert_close(weights[0.0], torch.ones(2))
+
+
 def test_gradnorm_with_an_absent_task_updates_the_present_ones_as_if_alone():
     three = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
     with_absent, alone = build_weighting("gradnorm", three), build_weighting("gradnorm", [three[0], three[2]])
