@@ -296,6 +296,7 @@ def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: lis
             "left_out": left_out,
             "rows": table,
             "delta_m": set_delta_m(per_recipe, tasks, scored, seeds),
+            "delta_m_by_recipe": {r: set_delta_m(per_recipe, tasks, scored, seeds, r) for r in recipes},
         }
     complete = [
         s for s, part in summary["sets"].items() if all("normalised" in part["rows"].get(r, {}) for r in recipes)
@@ -320,15 +321,24 @@ def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: lis
     deltas = [part["delta_m"]["mean"] for part in summary["sets"].values() if part["delta_m"]]
     summary["delta_m"] = statistics.fmean(deltas) if deltas else None
     summary["delta_m_sets"] = len(deltas)
+    # every recipe against the same single-task models, over the sets where all recipes have a delta-m
+    with_singles = [s for s, part in summary["sets"].items() if all(part["delta_m_by_recipe"].get(r) for r in recipes)]
+    summary["delta_m_complete_sets"] = with_singles
+    for recipe, values in summary["recipes"].items():
+        by_set = [summary["sets"][s]["delta_m_by_recipe"][recipe]["mean"] for s in with_singles]
+        values["delta_m"] = statistics.fmean(by_set) if by_set else None
     return summary
 
 
-def set_delta_m(per_recipe: dict, tasks: list[TaskSpec], scored: list[str], seeds: list[int]) -> dict | None:
-    """delta-m (%) of the default model against the single-task models, seed by seed, over the scored tasks."""
+def set_delta_m(
+    per_recipe: dict, tasks: list[TaskSpec], scored: list[str], seeds: list[int], recipe: str = "default"
+) -> dict | None:
+    """delta-m (%) of a recipe's multi-task model against the (default recipe's) single-task models, seed by seed,
+    over the scored tasks."""
     specs = [t for t in tasks if t.name in scored]
     values = []
     for seed in seeds:
-        shared = per_recipe.get("default", {}).get(seed)
+        shared = per_recipe.get(recipe, {}).get(seed)
         singles = {t.name: per_recipe.get(f"single: {t.name}", {}).get(seed) for t in specs}
         if shared and all(singles.values()):
             values.append(delta_m(shared["test"], {n: run["test"][n] for n, run in singles.items()}, specs))
@@ -425,6 +435,22 @@ def markdown(summary: dict, settings: dict) -> str:
             lines.append(f"| {name} | {cell(part['delta_m'], 2)} | {seeds} |")
     if summary["delta_m"] is not None:
         lines.append(f"| mean over {summary['delta_m_sets']} sets | {summary['delta_m']:+.2f} | |")
+    complete = summary["delta_m_complete_sets"]
+    if complete:
+        recipes = list(summary["recipes"])
+        lines += [
+            "",
+            "Every recipe's multi-task model against the same single-task models (the default recipe's model, one "
+            "task each): for a recipe with another model or data setting the difference includes that change.",
+            "",
+            "| set | " + " | ".join(recipes) + " |",
+            "|" + " --- |" * (len(recipes) + 1),
+        ]
+        for name in complete:
+            by_recipe = summary["sets"][name]["delta_m_by_recipe"]
+            lines.append(f"| {name} | " + " | ".join(cell(by_recipe[r], 2) for r in recipes) + " |")
+        means = " | ".join(f"{summary['recipes'][r]['delta_m']:+.2f}" for r in recipes)
+        lines.append(f"| mean over {len(complete)} sets | {means} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,11 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     # the defaults are part of the fingerprint: a recipe that spells out a default resolves the same
     assert fingerprint(files["b"], ["--train.time_limit", "60"]) == base
     assert fingerprint(files["c"], ["--train.time_limit", "60"]) != base
+    # The recorded runs (results/recipes_runs.jsonl) are matched by fingerprint: this one was computed before
+    # --train.gradnorm_alpha existed. A new setting changes every fingerprint unless recipes.ADDED_SETTINGS names
+    # the value that trains as before it existed.
+    assert base == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
+    assert fingerprint(files["a"], ["--train.time_limit", "60", "--train.gradnorm_alpha", "0"]) != base
 
 
 def _plan(recipe, seed, name="clutter", key="k"):
@@ -141,3 +146,12 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
     assert summary["delta_m"] == pytest.approx(statistics.fmean(expected))
     without_seed_one = summarise([r for r in runs if r != runs[-1]], {"clutter": tasks}, [0, 1], ["default", "seed"])
     assert without_seed_one["sets"]["clutter"]["delta_m"]["per_seed"] == pytest.approx(expected[:1])
+    # every recipe against the same single-task models: seed's model is scored like the default's
+    seed_expected = [
+        delta_m(runs[2 + seed]["test"], {t: single[(f"single: {t}", seed)][t] for t in ("shape", "count")}, tasks[:2])
+        for seed in (0, 1)
+    ]
+    assert part["delta_m_by_recipe"]["seed"]["per_seed"] == pytest.approx(seed_expected)
+    assert part["delta_m_by_recipe"]["default"] == part["delta_m"]
+    assert summary["recipes"]["seed"]["delta_m"] == pytest.approx(statistics.fmean(seed_expected))
+    assert summary["delta_m_complete_sets"] == ["clutter"]
