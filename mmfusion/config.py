@@ -353,9 +353,11 @@ class TrainConfig:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping)."""
-    loss_weighting: WeightingName = "gradnorm"
-    """How task losses combine: sum, uncertainty, dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm (the default: it
-    balances the tasks' gradient norms on the shared representation, so a slow task is not left behind)."""
+    loss_weighting: WeightingName = "uncertainty"
+    """How task losses combine: sum, uncertainty (the default: each task's loss scaled by a learned 1 / its typical
+    loss, so a task already fitted well, such as a regression, keeps improving; the benchmark suite's best
+    multi-task model against single-task ones, benchmarks/results/recipes.md), dwa, rlw, gls, pcgrad, mgda, cagrad,
+    gradnorm."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""

@@ -155,3 +155,12 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
     assert part["delta_m_by_recipe"]["default"] == part["delta_m"]
     assert summary["recipes"]["seed"]["delta_m"] == pytest.approx(statistics.fmean(seed_expected))
     assert summary["delta_m_complete_sets"] == ["clutter"]
+    # a task no recipe learns but its single-task model does counts in delta-m (and stays out of normalised)
+    learned_alone = [*runs, *(_run("single: pair", seed, 0.0, 0.0, 0.3) for seed in (0, 1))]
+    with_pair = summarise(learned_alone, {"clutter": tasks}, [0, 1], ["default", "seed"])["sets"]["clutter"]
+    assert with_pair["left_out"] == ["pair"] and with_pair["delta_m_tasks"] == ["shape", "count", "pair"]
+    assert with_pair["rows"]["default"]["normalised"] == default["normalised"]
+    single[("single: pair", 0)] = learned_alone[-2]["test"]
+    assert with_pair["delta_m"]["per_seed"][0] == pytest.approx(
+        delta_m(runs[0]["test"], {t: single[(f"single: {t}", 0)][t] for t in ("shape", "count", "pair")}, tasks)
+    )
