@@ -52,11 +52,14 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     # the defaults are part of the fingerprint: a recipe that spells out a default resolves the same
     assert fingerprint(files["b"], ["--train.time_limit", "60"]) == base
     assert fingerprint(files["c"], ["--train.time_limit", "60"]) != base
-    # The recorded runs (results/recipes_runs.jsonl) are matched by fingerprint: this one was computed before
-    # --train.gradnorm_alpha existed. A new setting changes every fingerprint unless recipes.ADDED_SETTINGS names
-    # the value that trains as before it existed.
-    assert base == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
-    assert fingerprint(files["a"], ["--train.time_limit", "60", "--train.gradnorm_alpha", "0"]) != base
+    # The recorded runs (results/recipes_runs.jsonl) are matched by fingerprint: this one (GradNorm, the default
+    # then) was computed before --train.gradnorm_alpha existed. A new setting changes every fingerprint unless
+    # recipes.ADDED_SETTINGS names the value that trains as before it existed; a changed default re-pins it.
+    gradnorm = tmp_path / "gradnorm.yaml"
+    gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
+    pinned = fingerprint(gradnorm, ["--train.time_limit", "60"])
+    assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
+    assert fingerprint(gradnorm, ["--train.time_limit", "60", "--train.gradnorm_alpha", "0"]) != pinned
 
 
 def _plan(recipe, seed, name="clutter", key="k"):

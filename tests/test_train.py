@@ -71,7 +71,9 @@ def test_default_recipe_on_the_bundled_data_for_a_few_steps(tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "3,000 train / 500 validation" in printed and "evaluate with: mmfusion evaluate" in printed
     resolved = (out / "config.yaml").read_text()
-    assert "configs/default.yaml" in resolved and "fusion: gated" in resolved and "loss_weighting: gradnorm" in resolved
+    assert (
+        "configs/default.yaml" in resolved and "fusion: gated" in resolved and "loss_weighting: uncertainty" in resolved
+    )
     for name in ("best", "final"):
         assert {p.name for p in (out / name).iterdir()} >= {
             "config.json",
