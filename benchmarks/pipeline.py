@@ -10,8 +10,8 @@ Each is timed between step --warmup and the last step from train.py's own log (s
 out), alternating the three --repeats times; the best of each is compared (noise on a shared machine only slows a run
 down). Each run also measures the share of its time the loop waited for batches: 1 - that share is its pairs/s over
 model-only's, measured within one run, which a loaded machine does not blur. With --quality-epochs > 0 the default
-recipe is also trained on data/sample with and without the cache, to show that the cached training crops (stored at
-ceil(S / sqrt(0.8)) px, cropped and resized from the array) lose nothing.
+recipe is also trained on data/sample with and without the cache (--quality-seeds), to measure what the cached
+training crops (stored at ceil(S / sqrt(0.8)) px, cropped and resized from the array) cost in quality.
 
     python benchmarks/pipeline.py [--repeats 2] [--quality-epochs 3] [--resnet-batch 8] [--resnet-steps 12]
     python benchmarks/pipeline.py --quality-only --quality-seeds 0 1 2   # only the quality runs: pipeline_quality.json
