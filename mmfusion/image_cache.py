@@ -2,10 +2,11 @@
 uint8 in a memory-mapped file, so later epochs and runs read arrays instead of decoding files.
 
 What is stored: for evaluation (no augmentation) each image resized exactly as the uncached path resizes it
-(`FusionProcessor.resize`), so the pixels are the same bit for bit; for training the whole image squashed to a
-`FusionProcessor.cache_side` square, enough that the smallest random crop is never enlarged, and the original size;
-the crop and flip (the same boxes, drawn from (seed, epoch, index)) are cut from the uint8 array and resized as the
-uncached path resizes a crop. A row whose image is bad keeps its error message, so the row checks need not decode
+(`FusionProcessor.resize`), so the pixels are the same bit for bit; for training the whole image, each side shrunk
+to at most `FusionProcessor.cache_side` (enough that the smallest random crop is never enlarged) and never enlarged,
+and the original size; the crop and flip (the same boxes, drawn from (seed, epoch, index)) are cut from the uint8
+array and resized as the uncached path resizes a crop. An image that fits is stored as it is, so its training crops
+are the uncached path's pixels too. A row whose image is bad keeps its error message, so the row checks need not decode
 again.
 
 An entry is keyed by the split's `datasets` fingerprint (its data files, their modification times, and every
@@ -35,7 +36,7 @@ from .data import ROW_COLUMN
 from .errors import BadInputError
 from .files import atomic_directory
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: training images stored at their own size when they fit
 IMAGES_NAME, PRESENT_NAME, SIZES_NAME, INDEX_NAME = "images.u8", "present.npy", "sizes.npy", "index.json"
 READ_BATCH = 256
 

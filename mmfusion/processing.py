@@ -181,21 +181,32 @@ class FusionProcessor:
 
     def cache_side(self, augment: bool) -> int:
         """The side of the image cache's squares: image_size for evaluation (the very pixels of the uncached path);
-        for training so much more that the smallest random crop, resized as `resize` resizes it, is never enlarged."""
+        for training so much more that the smallest random crop of an image shrunk to fit, resized as `resize`
+        resizes it, is never enlarged."""
         size = self.settings.image_size
         if not augment:
             return size
         return math.ceil(size / self.settings.crop_pct / math.sqrt(self.settings.crop_scale[0]))
 
     def cache_pixels(self, image: Image.Image, augment: bool) -> np.ndarray:
-        """What the image cache stores of `image`: the evaluation pixels, or for training the whole image squashed to
-        `cache_side(True)`, from which the training crops are cut."""
+        """What the image cache stores of `image`: the evaluation pixels, or for training the whole image in the
+        top-left corner of a `cache_side(True)` square, each side shrunk to fit (`cached_size`) and never enlarged,
+        from which the training crops are cut."""
         if not augment:
             return np.asarray(self.resize(image), dtype=np.uint8)
         side = self.cache_side(True)
-        if image.size != (side, side):
-            image = image.resize((side, side), Image.Resampling[self.settings.interpolation.upper()])
-        return np.asarray(image, dtype=np.uint8)
+        width, height = self.cached_size(image.size)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling[self.settings.interpolation.upper()])
+        square = np.zeros((side, side, 3), dtype=np.uint8)
+        square[:height, :width] = np.asarray(image, dtype=np.uint8)
+        return square
+
+    def cached_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the image cache stores a training image of `size` at: each side at most
+        `cache_side(True)`. An image that fits is stored as it is, so its crops are the uncached path's pixels."""
+        side = self.cache_side(True)
+        return min(size[0], side), min(size[1], side)
 
     def geometry(
         self, image: Image.Image, augment_key: tuple[int, int, int] | None = None, resample: str | None = None
@@ -225,14 +236,14 @@ class FusionProcessor:
 
     def _cached_crop(self, array: np.ndarray, augment_key: tuple[int, int, int], size: tuple[int, int]):
         """A training crop from the cache's square: the box and flip drawn as on the original image, cut from the
-        uint8 array, then resized as `resize` resizes a crop of the original (whose aspect `size` gives)."""
-        side = array.shape[0]
-        left, top, right, bottom = self.crop_box(side, side, *augment_key)
+        stored image, then resized as `resize` resizes a crop of the original (whose size `size` gives)."""
+        width, height = size
+        stored_width, stored_height = self.cached_size(size)
+        left, top, right, bottom = self.crop_box(stored_width, stored_height, *augment_key)
         crop = array[top:bottom, left:right]
         if self._flips(augment_key):
             crop = crop[:, ::-1]
-        width, height = size
-        like = (round((right - left) * width / side), round((bottom - top) * height / side))
+        like = (round((right - left) * width / stored_width), round((bottom - top) * height / stored_height))
         return self.resize(Image.fromarray(np.ascontiguousarray(crop)), like)
 
     def normalise(self, pixels: Image.Image | np.ndarray) -> torch.Tensor:

@@ -68,8 +68,12 @@ def test_evaluation_pixels_are_the_uncached_pixels_bit_for_bit_and_training_crop
     train_cached.set_epoch(3)
     for index, (_, pixels) in enumerate(crops[3]):
         assert torch.equal(pixels, train_cached[index]["pixel_values"])  # drawn from (seed, epoch, index) only
-    # The same crop boxes and flips as decoding, up to resampling twice and boxes rounded on the stored grid: far
-    # closer to the uncached crops than another epoch's crops are.
+    fitting = [i for i in range(10) if max(train_cached.images.image(i)[1]) <= 36]
+    assert fitting  # the 32 x 32 images are stored as they are: their crops are the uncached crops bit for bit
+    for index in fitting:
+        assert torch.equal(crops[3][index][0], crops[3][index][1]), index
+    # Larger images: the same crop boxes and flips as decoding, up to resampling twice and boxes rounded on the
+    # stored grid: far closer to the uncached crops than another epoch's crops are.
     same = np.mean([float((cached - plain).abs().mean()) for plain, cached in crops[3]])
     other = np.mean([float((cached - plain).abs().mean()) for (plain, _), (_, cached) in zip(crops[3], crops[4])])
     assert same < 0.4 * other, (same, other)
@@ -92,6 +96,21 @@ def test_cached_pixels_follow_the_processors_resize_and_center_crop(resize):
     same = np.mean([float((cached - plain).abs().mean()) for plain, cached in crops])
     other = np.mean([float((a[1] - b[0]).abs().mean()) for a, b in zip(crops, crops[1:])])
     assert same < 0.4 * other, (same, other)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (20, 36), (50, 30)])
+def test_training_crops_of_an_image_that_fits_the_cache_are_the_uncached_crops(size):
+    """An image no larger than the cache's side is stored as it is (never enlarged): every training crop and flip
+    is the uncached path's, bit for bit (enlarging it first blurred the crops and cost accuracy)."""
+    settings = ProcessorSettings(image_size=64, interpolation="bicubic", hflip=True)
+    processor = FusionProcessor(train_tokenizer(["picture"]), settings)
+    noise = np.random.default_rng(1).integers(0, 256, (7, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
+    stored = processor.cache_pixels(image, augment=True)
+    assert stored.shape == (72, 72, 3) and processor.cached_size(size) == size
+    for index in range(8):
+        key = (0, 2, index)
+        assert torch.equal(processor.image_tensor(image, key), processor.image_tensor(stored, key, size)), index
 
 
 def test_the_cache_is_rebuilt_when_the_data_or_the_settings_change(tmp_path):
