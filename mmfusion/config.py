@@ -314,7 +314,9 @@ class DataConfig:
     cache: str | None = None
     """Decoded-image cache: a directory, or auto (mmfusion_images/ in the datasets cache). Each split's images are
     decoded and resized once into a memory-mapped uint8 file, rebuilt when the data or the image settings change;
-    evaluation reads the very pixels of the uncached path, training crops and flips the stored arrays."""
+    evaluation reads the very pixels of the uncached path, training crops and flips the stored arrays. device:
+    nothing stored; training JPEGs are decoded, cropped and resized on the accelerator (nvJPEG on a GPU), other
+    formats and evaluation decode on the host."""
 
 
 @dataclass

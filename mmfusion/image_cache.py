@@ -35,6 +35,7 @@ from filelock import FileLock
 from .data import ROW_COLUMN
 from .errors import BadInputError
 from .files import atomic_directory
+from .processing import path_of
 
 CACHE_FORMAT = 2  # 2: training images stored at their own size when they fit
 IMAGES_NAME, PRESENT_NAME, SIZES_NAME, INDEX_NAME = "images.u8", "present.npy", "sizes.npy", "index.json"
@@ -124,18 +125,12 @@ def _image_values(split: Dataset, column: str):
         yield from batch[column]
 
 
-def _path_of(value: Any) -> str | None:
-    if isinstance(value, dict) and value.get("bytes") is None:
-        value = value.get("path")
-    return value if isinstance(value, str) and value.strip() else None
-
-
 def _files_digest(split: Dataset, reader) -> str:
     """Size and modification time of every image file the rows name by path (images stored in the data itself are
     covered by the fingerprint)."""
     digest = hashlib.sha256()
     for value in _image_values(split, reader.config.image_column):
-        reference = _path_of(value)
+        reference = path_of(value)
         if reference is None:
             continue
         try:

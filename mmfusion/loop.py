@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from .card import model_card
 from .config import Config
+from .device_decode import DeviceDecoder
 from .errors import CheckpointWriteError, InputError
 from .evaluation import evaluate
 from .files import atomic_directory
@@ -68,6 +69,8 @@ class Loop:
         self.train_loader = make_loader(self.train_set, self.cfg.batch_size, pad_id, True, workers, collate)
         self.val_loader = make_loader(self.val_set, self.cfg.eval_batch_size, pad_id, False, workers, collate)
         self.epoch_batches = None if self.streaming else math.ceil(len(self.train_loader) / accelerator.num_processes)
+        on_device = getattr(self.train_set, "on_device", False)  # --data.cache device
+        self.decoder = DeviceDecoder(prepared.processor, accelerator.device) if on_device else None
         self.plan = StepPlan(self.planned_steps())
         self.budget = TimeBudget(self.cfg.time_limit, metrics.start) if self.cfg.time_limit else None
         self.state = TrainerState()
@@ -132,12 +135,14 @@ class Loop:
         self.train_set.set_epoch(self.state.epoch)
 
     def batches(self):
-        """This epoch's batches, past those a resumed run already consumed (a stream starts at its saved position)."""
+        """This epoch's batches, past those a resumed run already consumed (a stream starts at its saved position);
+        with --data.cache device their images are decoded here, on the device."""
         if self.streaming:
             return stream_batches(self.train_loader, self.accelerator)
+        loader = self.train_loader
         if self.state.batches_in_epoch:
-            return self.accelerator.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
-        return self.train_loader
+            loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batches_in_epoch)
+        return loader if self.decoder is None else map(self.decoder, loader)
 
     def check_loss(self, loss: torch.Tensor, out, batch: dict) -> None:
         """Flag a non-finite loss (a device flag: no host sync per step); on CPU stop at once, naming the batch."""
@@ -323,7 +328,11 @@ class Loop:
         parameters = (
             f"{unwrapped.num_parameters():,} parameters ({unwrapped.num_parameters(trainable_only=True):,} trainable)"
         )
-        return f"model: {parameters}; data: {sizes} train / {validation} validation pairs; {steps} of {pairs} pairs"
+        accelerator = self.accelerator
+        precision = "" if accelerator.mixed_precision == "no" else f", {accelerator.mixed_precision}"
+        processes = f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value.lower()}{precision}"
+        data = f"{sizes} train / {validation} validation pairs"
+        return f"model: {parameters}; data: {data}; {steps} of {pairs} pairs ({processes})"
 
     def finish(self) -> Run:
         """final/, the best checkpoint on the test split, model cards, the report, and where everything is."""

@@ -132,7 +132,7 @@ def check_values(config: Config) -> list[str]:
         (
             not (data.cache and any(spec.is_dense for spec in config.tasks)),
             "--data.cache does not serve dense tasks: their masks are cut by the original image's crop box, which "
-            "the cached training crops only approximate (drop --data.cache)",
+            "the cached (or device-made) training crops only approximate (drop --data.cache)",
         ),
         (data.shuffle_buffer >= 0, f"--data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}"),
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),

@@ -19,6 +19,7 @@ import torch
 
 from .config import Config, DataConfig, TaskSpec
 from .data import ROW_COLUMN, LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
+from .device_decode import DEVICE
 from .errors import BadInputError, DataError
 from .image_cache import open_cache
 from .masks import stored_values
@@ -125,10 +126,12 @@ def split_dataset(
     if loaded.streaming:
         training, buffer = name == "train", data.shuffle_buffer  # a training stream is shuffled and split
         return FusionStream(split, reader, data.on_error, augment, seed, modality_dropout, training, buffer)
-    images = open_cache(split, reader, augment, data.cache) if data.cache else None
+    stored = data.cache is not None and data.cache != DEVICE  # DEVICE: training JPEGs decoded on the accelerator
+    images = open_cache(split, reader, augment, data.cache) if stored else None
     keep = check_rows(split, name, reader, report, data.on_error, data.verify_images, images)
     images = images.select(keep) if images is not None else None
-    return FusionDataset(select_rows(split, keep), reader, augment, seed, modality_dropout, images)
+    on_device = data.cache == DEVICE and name == "train"
+    return FusionDataset(select_rows(split, keep), reader, augment, seed, modality_dropout, images, on_device)
 
 
 def build_splits(

@@ -85,6 +85,13 @@ def open_file(source: Any, where: str, kind: str = "image") -> Image.Image:
         raise BadInputError(f"{where}: not a readable {kind} ({error})") from None
 
 
+def path_of(value: Any) -> str | None:
+    """The path an image value names (a path string, or a {'bytes': None, 'path': ...} dict); None otherwise."""
+    if isinstance(value, dict) and value.get("bytes") is None:
+        value = value.get("path")
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def open_image(source: Any, max_pixels: int, where: str) -> Image.Image:
     """Open and fully decode an image from a path, bytes, a {'bytes', 'path'} dict or a PIL image."""
     if isinstance(source, Image.Image):
@@ -266,21 +273,42 @@ class FusionProcessor:
         the settings' interpolation), then crop the center square. `like`: the (width, height) whose aspect a
         shortest-edge resize keeps, when `image` stands for an image of another shape (a crop of the image cache's
         squashed square stands for a crop of the original)."""
-        settings, size = self.settings, self.settings.image_size
-        scaled = math.floor(size / settings.crop_pct + 1e-6)
-        if settings.resize == "shortest_edge":
-            width, height = like or image.size
-            short, long = min(width, height), max(width, height)
-            other = int(scaled * long / short)
-            target = (scaled, other) if width <= height else (other, scaled)
-        else:
-            target = (scaled, scaled)
+        size = self.settings.image_size
+        target = self.resize_target(*(like or image.size))
         if image.size != target:
-            image = image.resize(target, Image.Resampling[(resample or settings.interpolation).upper()])
+            image = image.resize(target, Image.Resampling[(resample or self.settings.interpolation).upper()])
         if image.size != (size, size):
             left, top = round((image.width - size) / 2), round((image.height - size) / 2)
             image = image.crop((left, top, left + size, top + size))
         return image
+
+    def resize_target(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) `resize` resizes an image of this size to, before the center crop."""
+        scaled = math.floor(self.settings.image_size / self.settings.crop_pct + 1e-6)
+        if self.settings.resize != "shortest_edge":
+            return scaled, scaled
+        short, long = min(width, height), max(width, height)
+        other = int(scaled * long / short)
+        return (scaled, other) if width <= height else (other, scaled)
+
+    def source_box(
+        self, width: int, height: int, augment_key: tuple[int, int, int] | None
+    ) -> tuple[tuple[float, float, float, float], bool]:
+        """The region of a width x height image that `geometry` turns into the image_size square (the crop drawn
+        from `augment_key`, then the resize's center crop, in the image's continuous coordinates), and whether it
+        is flipped: the host path's geometry as one box, for resampling on the device."""
+        left, top, right, bottom = (
+            (0, 0, width, height) if augment_key is None else self.crop_box(width, height, *augment_key)
+        )
+        crop_width, crop_height = right - left, bottom - top
+        target_width, target_height = self.resize_target(crop_width, crop_height)
+        size = self.settings.image_size
+        x, y = round((target_width - size) / 2), round((target_height - size) / 2)
+        flip = augment_key is not None and self._flips(augment_key)
+        x = target_width - size - x if flip else x  # the host path crops the center of the flipped image
+        scale_x, scale_y = crop_width / target_width, crop_height / target_height
+        box = (left + x * scale_x, top + y * scale_y, left + (x + size) * scale_x, top + (y + size) * scale_y)
+        return box, flip
 
     def blank_image(self) -> torch.Tensor:
         return torch.zeros(3, self.settings.image_size, self.settings.image_size)

@@ -18,10 +18,11 @@ from datasets import Dataset
 
 from .config import DataConfig, TaskSpec
 from .data import ROW_COLUMN
+from .device_decode import is_jpeg
 from .errors import BadInputError, DataError
 from .image_cache import ImageCache
 from .masks import mask_target, read_mask
-from .processing import FusionProcessor, open_image
+from .processing import FusionProcessor, open_image, path_of
 
 
 @dataclass
@@ -102,6 +103,21 @@ class RowReader:
             value = self.image_path(value, where, kind="mask")
         return read_mask(spec, value, where, None if image is None else image.size)
 
+    def encoded_image(self, value: Any, index: int) -> bytes | np.ndarray:
+        """Row `index`'s image for `DeviceDecoder`: a JPEG's bytes as stored, any other image decoded here (uint8
+        H x W x 3), since nvJPEG decodes only JPEG."""
+        data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+        reference = path_of(value)
+        if data is None and reference is not None:
+            where = f"{self.where(index)}, field {self.config.image_column!r} (file {reference})"
+            try:
+                data = self.image_path(reference, where).read_bytes()
+            except OSError as error:
+                raise BadInputError(f"{where}: image file is not readable ({error})") from None
+        if data is not None and is_jpeg(data):
+            return data
+        return np.asarray(self.image(value, index), dtype=np.uint8)
+
     def text(self, value: Any, where: str) -> str | None:
         if value is None:
             return None
@@ -158,10 +174,12 @@ class RowReader:
         modality_dropout: float = 0.0,
         images: ImageCache | None = None,
         position: int = 0,
+        on_device: bool = False,
     ) -> dict:
         """Decode and encode one row (its image taken from `images` at `position` when given). `augment` uses
-        randomness from (seed, epoch, index) only."""
-        image, text, labels, masks = self.parse(row, index, decode_image=images is None)
+        randomness from (seed, epoch, index) only. `on_device`: the image is left for `DeviceDecoder` (JPEG bytes,
+        or another format decoded here) with its augmentation key, instead of pixel values."""
+        image, text, labels, masks = self.parse(row, index, decode_image=images is None and not on_device)
         size = None
         if images is not None:
             image, size = images.image(position)
@@ -172,10 +190,15 @@ class RowReader:
         for spec in (spec for spec in self.tasks if spec.is_dense):  # no image (or dropped): no map to predict
             mask = labels[spec.name] if image_present and masks[spec.name] else None
             labels[spec.name], masks[spec.name] = mask_target(self.processor, spec, mask, key)
-        pixels = self.processor.image_tensor(image, key, size) if image_present else self.processor.blank_image()
+        if on_device:
+            source = self.encoded_image(image, index) if image_present else None
+            pixels = {"image_source": source, "augment_key": key}
+        else:
+            image_tensor = self.processor.image_tensor
+            pixels = {"pixel_values": image_tensor(image, key, size) if image_present else self.processor.blank_image()}
         return {
             "row": index,
-            "pixel_values": pixels,
+            **pixels,
             "input_ids": self.processor.encode_text(text) if text_present else [self.processor.settings.pad_id],
             "image_present": image_present,
             "text_present": text_present,
@@ -290,9 +313,10 @@ class FusionDataset(torch.utils.data.Dataset):
         seed: int = 0,
         modality_dropout: float = 0.0,
         images: ImageCache | None = None,
+        on_device: bool = False,
     ) -> None:
         self.split, self.reader, self.augment, self.seed = split, reader, augment, seed
-        self.modality_dropout, self.images = modality_dropout, images
+        self.modality_dropout, self.images, self.on_device = modality_dropout, images, on_device
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -319,6 +343,7 @@ class FusionDataset(torch.utils.data.Dataset):
                 self.modality_dropout,
                 self.images,
                 index,
+                self.on_device,
             )
             for index, row in zip(indices, rows)
         ]
@@ -345,8 +370,12 @@ class Collator:
             input_ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
             attention_mask[i, : len(row["input_ids"])] = 1 if row["text_present"] else 0
         tasks = rows[0]["labels"].keys()
+        if "image_source" in rows[0]:  # left for DeviceDecoder, which adds pixel_values on the device
+            images = {key: [row[key[:-1]] for row in rows] for key in ("image_sources", "augment_keys")}
+        else:
+            images = {"pixel_values": torch.stack([row["pixel_values"] for row in rows])}
         return {
-            "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+            **images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "image_present": torch.tensor([row["image_present"] for row in rows]),
