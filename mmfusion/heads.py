@@ -42,6 +42,15 @@ class TaskHead(nn.Module):
         return logits.squeeze(-1) if self.squeeze else logits
 
 
+def vector_temperatures(state: dict, prefix: str = "") -> dict:
+    """Checkpoints written before mmfusion ran under FSDP hold matching heads' temperature and bias as 0-d tensors:
+    reshape them (in place) to today's [1]."""
+    for key in [k for k in state if k.startswith(prefix) and k.endswith((".logit_scale", ".logit_bias"))]:
+        if state[key].dim() == 0:
+            state[key] = state[key].reshape(1)
+    return state
+
+
 class MatchingHead(nn.Module):
     """Image-text contrastive head: cosine similarities scaled by a learned temperature.
 
@@ -53,8 +62,13 @@ class MatchingHead(nn.Module):
         super().__init__()
         self.image = nn.Linear(image_dim, dim)
         self.text = nn.Linear(text_dim, dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.zeros(())) if dual else None
+        # shape [1], not 0-d: FSDP shards no 0-d parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.zeros(1)) if dual else None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        vector_temperatures(state_dict, prefix)  # also for training states that accelerate loads
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @classmethod
     def from_config(

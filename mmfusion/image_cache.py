@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,13 @@ from datasets import Dataset
 from filelock import FileLock
 
 from .data import ROW_COLUMN
+from .device_decode import DEVICE
 from .errors import BadInputError
 from .files import atomic_directory
 from .processing import path_of
 
+AUTO_DISK_SHARE = 0.8  # `auto` stores the images when they take less than this share of the free disk space
+AUTO_DEVICE_MIN_SIZE = 128  # `auto` decodes on the GPU, when the images are not stored, from this input size
 CACHE_FORMAT = 2  # 2: training images stored at their own size when they fit
 IMAGES_NAME, PRESENT_NAME, SIZES_NAME, INDEX_NAME = "images.u8", "present.npy", "sizes.npy", "index.json"
 READ_BATCH = 256
@@ -83,6 +87,29 @@ class ImageCache:
         """The cache as indexed by the kept rows."""
         kept = np.asarray(keep)
         return ImageCache(self.directory, self.side, self.count, self.errors, self.present, self.sizes, kept)
+
+
+def resolve_auto(option: str | None, rows: dict[str, int], processor, cuda: bool) -> tuple[dict, str]:
+    """Per split, what `--data.cache` means: a directory to store its images in, "device", or None (decode on the
+    host); with a note saying what `auto` chose. `auto` stores the images (the fastest way: benchmarks/pipeline.py)
+    when they fit in the free space of the datasets cache's disk; when they do not, training JPEGs are decoded on
+    the GPU when there is one and the model's input is at least 128 px (there device decoding beat host decoding;
+    on a 64 px model it did not), and everything else decodes on the host."""
+    if option != "auto":
+        return dict.fromkeys(rows, option), ""
+    root = cache_root(option)
+    root.mkdir(parents=True, exist_ok=True)
+    needed = sum(count * processor.cache_side(name == "train") ** 2 * 3 for name, count in rows.items())
+    free = shutil.disk_usage(root).free
+    if needed < AUTO_DISK_SHARE * free:
+        return dict.fromkeys(rows, option), ""
+    on_device = cuda and processor.settings.image_size >= AUTO_DEVICE_MIN_SIZE
+    chosen = {name: DEVICE if name == "train" and on_device else None for name in rows}
+    how = "training JPEGs decoded on the GPU" if on_device else "images decoded on the host"
+    return (
+        chosen,
+        f"data.cache auto: the images need {needed / 2**30:.1f} GiB, {root} has {free / 2**30:.1f} GiB free: {how}",
+    )
 
 
 def open_cache(split: Dataset, reader, augment: bool, option: str) -> ImageCache:

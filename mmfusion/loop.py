@@ -280,10 +280,11 @@ class Loop:
     def save_checkpoint(self, name: str) -> Path:
         """best/ or final/: the model and its processor, as `from_pretrained` loads them (atomically)."""
         directory = self.output_dir / name
+        state = self.accelerator.get_state_dict(self.model)  # on every process: FSDP gathers its shards here
         if self.accelerator.is_main_process:
             try:
                 with atomic_directory(directory) as staging:
-                    self.accelerator.unwrap_model(self.model).save_pretrained(staging)
+                    self.accelerator.unwrap_model(self.model).save_pretrained(staging, state)
                     self.prepared.processor.save_pretrained(staging)
             except OSError as error:
                 kept = "the previous one is intact" if directory.exists() else "nothing was written"

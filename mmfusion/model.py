@@ -25,7 +25,7 @@ from .dense import DenseInputs, probe_maps
 from .errors import CheckpointError
 from .files import atomic_directory
 from .fusions import FusedOutput, build_fusion
-from .heads import build_head
+from .heads import build_head, vector_temperatures
 from .image_encoders import build_image_encoder
 from .layers import EncoderOutput, feature_maps
 from .losses import default_label_mask, task_loss
@@ -245,11 +245,12 @@ class FusionModel(nn.Module):
 
     # ----- checkpoints -----
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write config.json + model.safetensors atomically (a temporary directory, then a rename). With
-        `lora_save: merged`, LoRA adapters are folded into the encoder weights and the checkpoint is a plain model."""
+        `lora_save: merged`, LoRA adapters are folded into the encoder weights and the checkpoint is a plain model.
+        `state`: the weights to write (default: this model's own; a sharded model's gathered ones)."""
         directory = Path(directory)
-        config, state = self.config, self.state_dict()
+        config, state = self.config, self.state_dict() if state is None else state
         if config.lora_save == "merged" and (config.image_lora_rank or config.text_lora_rank):
             state = merged_lora_state(self, state)
             config = dataclasses.replace(config, image_lora_rank=0, text_lora_rank=0)
@@ -303,7 +304,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights missing: {path}")
     try:
-        return load_file(path)
+        return vector_temperatures(load_file(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 

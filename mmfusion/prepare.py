@@ -21,7 +21,7 @@ from .config import Config, DataConfig, TaskSpec
 from .data import ROW_COLUMN, LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
 from .device_decode import DEVICE
 from .errors import BadInputError, DataError
-from .image_cache import open_cache
+from .image_cache import open_cache, resolve_auto
 from .masks import stored_values
 from .pretrained import image_settings_for, text_settings_for
 from .processing import FusionProcessor, ProcessorSettings, hf_tokenizer, train_tokenizer
@@ -37,7 +37,7 @@ class Prepared:
     processor: FusionProcessor
     datasets: dict[str, torch.utils.data.Dataset]
     report: SkipReport
-    notes: list[str] = field(default_factory=list)  # what was inferred, to show the user
+    notes: list[str] = field(default_factory=list)  # what was inferred or chosen, to show the user
     model_settings: dict[str, Any] = field(default_factory=dict)  # FusionConfig fields the data decided
     source: str = ""  # where the data came from (a path, or what was passed in Python)
 
@@ -152,13 +152,15 @@ def build_splits(
         processor, learned = build_processor(config, loaded)
     tasks = fit_dense_statistics(tasks, loaded, processor, data)
     report = SkipReport()
+    rows = {name: len(loaded.splits[name]) for name in present} if not loaded.streaming else {}
+    caches, cache_note = resolve_auto(data.cache, rows, processor, torch.cuda.is_available())
     datasets = {
         name: split_dataset(
             loaded,
             name,
             processor,
             tasks,
-            data,
+            dataclasses.replace(data, cache=caches.get(name)),
             report,
             augment=name == "train" and data.augment,
             seed=config.train.seed,
@@ -166,6 +168,7 @@ def build_splits(
         )
         for name in present
     }
+    notes = [f"tasks: {note}" for note in notes] + ([cache_note] if cache_note else [])
     return Prepared(tasks, processor, datasets, report, notes, learned, loaded.source)
 
 

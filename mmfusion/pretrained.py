@@ -266,9 +266,9 @@ def init_matching_head(head: nn.Module, source: nn.Module) -> None:
         else:
             linear.weight.copy_(torch.eye(*linear.weight.shape))
         linear.bias.zero_()
-    head.logit_scale.copy_(source.logit_scale.reshape(()))
+    head.logit_scale.copy_(source.logit_scale.reshape(1))
     bias = getattr(source, "logit_bias", None)
-    head.logit_bias.copy_(bias.reshape(()) if bias is not None else torch.zeros(()))
+    head.logit_bias.copy_(bias.reshape(1) if bias is not None else torch.zeros(1))
 
 
 def matching_dim(config: FusionConfig, in_dims: dict[str, int]) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import feature_cache
@@ -76,7 +76,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     config = dataclasses.replace(config, model=model_architecture(config, init))
     prepared = build_splits(config, FusionProcessor.from_pretrained(init) if init else None, source=data)
     for note in prepared.notes:
-        log(f"tasks: {note}")
+        log(note)
     log(f"data: {prepared.report.summary()}")
     config = resolve_config(config, prepared, init, data)
 
@@ -85,6 +85,8 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     if init:
         log(load_compatible(model, init))
     collate = use_feature_cache(model, prepared, config, accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        model.use_channels_last(False)  # FSDP shards contiguous parameters only
     weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha)
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process), collate)

@@ -133,3 +133,20 @@ def test_hf_checkpoint_rebuilds_without_the_original_model_files(tmp_path, minil
     loaded = FusionModel.from_pretrained(directory).eval()
     batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
     torch.testing.assert_close(loaded(**batch).logits["topic"], model(**batch).logits["topic"], atol=0, rtol=0)
+
+
+def test_checkpoints_with_a_0d_temperature_still_load(saved):
+    """Matching heads keep their temperature as a [1] tensor (FSDP shards no 0-d parameters); checkpoints written
+    before hold it 0-d and load as they did, through from_pretrained and through load_state_dict (resume)."""
+    from safetensors.torch import load_file, save_file
+
+    model, directory = saved
+    assert model.heads["pair"].logit_scale.shape == (1,)
+    state = load_file(directory / WEIGHTS_NAME)
+    state["heads.pair.logit_scale"] = state["heads.pair.logit_scale"].reshape(()) + 0.5
+    save_file(state, directory / WEIGHTS_NAME)
+    loaded = FusionModel.from_pretrained(directory)
+    assert torch.equal(loaded.heads["pair"].logit_scale, model.heads["pair"].logit_scale + 0.5)
+    fresh = FusionModel(model.config)
+    fresh.load_state_dict(load_file(directory / WEIGHTS_NAME))
+    assert torch.equal(fresh.heads["pair"].logit_scale, loaded.heads["pair"].logit_scale)

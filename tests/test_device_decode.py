@@ -158,3 +158,31 @@ def test_training_with_device_decode_and_resuming_it(tmp_path):
     assert _train([*common[:-6], "--train.log_every", "1", "--train.output_dir", str(plain)]) == 0
     c = load_file(plain / "final" / "model.safetensors")
     assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "cuda", "image_size", "train", "others"),
+    [
+        (100, True, 224, "auto", "auto"),  # fits: stored, the fastest
+        (0.01, True, 224, "device", None),  # does not fit, a GPU, pretrained-size input: device decoding
+        (0.01, True, 64, None, None),  # a small model: host decoding was faster than device decoding
+        (0.01, False, 224, None, None),  # no GPU
+    ],
+)
+def test_auto_stores_the_images_when_they_fit_else_decodes_where_it_was_faster(
+    monkeypatch, tmp_path, free_gib, cuda, image_size, train, others
+):
+    import shutil as shutil_module
+
+    from mmfusion import image_cache
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    monkeypatch.setattr(image_cache.datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    usage = shutil_module.disk_usage(tmp_path)._replace(free=int(free_gib * 2**30))
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda path: usage)
+    processor = FusionProcessor(train_tokenizer(["picture"]), ProcessorSettings(image_size=image_size))
+    rows = {"train": 3000, "validation": 500}
+    chosen, note = image_cache.resolve_auto("auto", rows, processor, cuda)
+    assert chosen == {"train": train, "validation": others}
+    assert bool(note) == (free_gib < 1)
+    assert image_cache.resolve_auto("/my/cache", rows, processor, cuda) == (dict.fromkeys(rows, "/my/cache"), "")
