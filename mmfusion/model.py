@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,19 @@ class FusionModel(nn.Module):
             self.image_encoder.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
             self.channels_last = enabled
         return self
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The classes of the model's repeated blocks (children of one class in a ModuleList or Sequential that are
+        made of layers with parameters, e.g. BertLayer, Bottleneck, CNN stages, fusion layers), which accelerate's
+        FSDP transformer-based wrap policy (configs/accelerate/fsdp.yaml) shards one by one."""
+        names = set()
+        for module in self.modules():
+            if isinstance(module, (nn.ModuleList, nn.Sequential)):
+                blocks = [child for child in module if any(True for _ in child.children()) and _has_parameters(child)]
+                kinds = Counter(type(block).__name__ for block in blocks)
+                names.update(name for name, count in kinds.items() if count > 1)
+        return sorted(names)
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
@@ -277,6 +291,10 @@ class FusionModel(nn.Module):
             )
         model.load_state_dict(state)
         return model
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def read_model_config(directory: Path) -> FusionConfig:

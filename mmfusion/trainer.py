@@ -85,9 +85,14 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     if init:
         log(load_compatible(model, init))
     collate = use_feature_cache(model, prepared, config, accelerator)
+    weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha)
     if accelerator.distributed_type == DistributedType.FSDP:
         model.use_channels_last(False)  # FSDP shards contiguous parameters only
-    weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha)
+        if any(p.requires_grad for p in weighting.parameters()):
+            raise InputError(
+                f"--train.loss_weighting {cfg.loss_weighting} learns parameters outside the model, which accelerate's "
+                "FSDP optimizer cannot hold or checkpoint: with FSDP choose sum, dwa, rlw or gls"
+            )
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process), collate)
     scheduler = build_scheduler(optimizer, cfg, loop.plan)

@@ -124,7 +124,7 @@ def test_fsdp_and_zero2_accelerate_configs_are_what_accelerate_launch_reads():
     environment = {k: v for k, v in prepare_multi_gpu_env(fsdp).items() if k.startswith(("FSDP_", "ACCELERATE_"))}
     with patch_environment(**environment):
         plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2 and plugin.auto_wrap_policy.__name__ == "size_based_auto_wrap_policy"
+    assert plugin.fsdp_version == 2 and plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
     assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.reshard_after_forward is True
 
     zero2, _, _ = _validate_launch_command(
