@@ -88,6 +88,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha)
     if accelerator.distributed_type == DistributedType.FSDP:
         model.use_channels_last(False)  # FSDP shards contiguous parameters only
+        keep_batch_norm_in_float32(model, accelerator)
         if any(p.requires_grad for p in weighting.parameters()):
             raise InputError(
                 f"--train.loss_weighting {cfg.loss_weighting} learns parameters outside the model, which accelerate's "
@@ -164,6 +165,21 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
         finish_trackers(accelerator)
         return loop.result(None, None)
     return loop.finish()
+
+
+def keep_batch_norm_in_float32(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Under FSDP with mixed precision, each BatchNorm layer becomes its own shard unit that computes in float32
+    and hands bf16/fp16 on: FSDP casts the parameters it manages to bf16/fp16, and batch norm refuses weights of
+    another type than its float32 running statistics."""
+    if accelerator.mixed_precision == "no":
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    low = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=low)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            fully_shard(module.to(accelerator.device), mp_policy=policy)
 
 
 def _as_config(config: Config | dict | str | Path) -> Config:
