@@ -39,12 +39,14 @@ def _fsdp_environment() -> dict[str, str]:
     return {k: v for k, v in variables.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
 
 
-def _launch(tmp_path: Path, output: Path, *options: str, fsdp: bool = True) -> subprocess.CompletedProcess:
+def _launch(
+    tmp_path: Path, output: Path, *options: str, fsdp: bool = True, precision: str = "no"
+) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}
-    env |= {"ACCELERATE_MIXED_PRECISION": "no", **(_fsdp_environment() if fsdp else {})}
+    env |= {"ACCELERATE_MIXED_PRECISION": precision, **(_fsdp_environment() if fsdp else {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     script = ROOT / "tests" / "fsdp_launch.py" if fsdp else ROOT / "train.py"  # without FSDP: DDP on CPU
     command += [str(script), "--data.path", str(tmp_path / "data"), *TINY, *options]
@@ -89,6 +91,17 @@ def test_fsdp_trains_like_ddp_saves_the_whole_model_and_resumes_exactly(tmp_path
     refused = _launch(tmp_path, tmp_path / "uncertainty", "--train.loss_weighting", "uncertainty")
     assert refused.returncode != 0
     assert "--train.loss_weighting uncertainty learns parameters outside the model" in refused.stderr
+
+
+@pytest.mark.timeout(200)
+def test_fsdp_in_bf16_trains_a_batch_norm_encoder(tmp_path):
+    """FSDP casts the parameters it manages to bf16; batch norm keeps float32 running statistics and refused bf16
+    weights beside them (resnet50 on an H200), so BatchNorm layers are float32 shard units of their own."""
+    make_imagefolder(tmp_path / "data", {"train": make_rows(16), "validation": make_rows(5, 100)})
+    options = ["--model.image_encoder", "resnet18", "--model.image_weights", "None", "--train.max_steps", "2"]
+    run = _launch(tmp_path, tmp_path / "out", *options, precision="bf16")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(2 process(es), fsdp, bf16)" in run.stdout
 
 
 def test_fsdp_shards_each_repeated_block():
