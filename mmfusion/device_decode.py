@@ -39,7 +39,6 @@ class DeviceDecoder:
         settings = processor.settings
         self.mean = torch.tensor(settings.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(settings.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.host_fallbacks = 0  # batches nvJPEG could not decode (decoded on the host instead)
 
     def __call__(self, batch: dict) -> dict:
         sources, keys = batch.pop("image_sources"), batch.pop("augment_keys")
@@ -56,7 +55,6 @@ class DeviceDecoder:
             try:
                 decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:  # a JPEG nvJPEG cannot read (CMYK, say): this batch decodes on the host
-                self.host_fallbacks += 1
                 decoded = [self._host(np.asarray(to_rgb(Image.open(io.BytesIO(sources[i]))))) for i in jpegs]
             for i, image in zip(jpegs, decoded):
                 images[i] = image

@@ -123,6 +123,19 @@ def test_rows_without_an_image_are_blank_and_the_batch_keeps_its_order(tmp_path)
     )
 
 
+def test_a_batch_the_decoder_refuses_is_decoded_on_the_host(tmp_path, monkeypatch):
+    from mmfusion import device_decode
+
+    dataset = _prepare(_jpeg_folder(tmp_path / "data"), "device").datasets["train"]
+    expected = _device_batch(dataset, [0, 1, 2])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("nvJPEG: unsupported JPEG")
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", refuse)
+    torch.testing.assert_close(_device_batch(dataset, [0, 1, 2]), expected, rtol=0, atol=1e-5)
+
+
 def test_device_decode_excludes_streams():
     from mmfusion.options import parse_args
 
