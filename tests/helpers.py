@@ -214,3 +214,23 @@ def make_webdataset(root, splits=None, shards=2) -> None:
                         info = tarfile.TarInfo(f"{key}.{extension}")
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
+
+
+TINY_TRAIN = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32"]
+TINY_TRAIN += ["--model.image_size", "32", "--train.batch_size", "8", "--train.eval_batch_size", "5"]
+TINY_TRAIN += ["--train.report", "false"]
+
+
+def train_in_process(args: list[str]) -> int:
+    """train.py's main in this process, with accelerate's global state reset first (so runs can follow each other)."""
+    import sys
+
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    return train.main(args)

@@ -5,13 +5,12 @@ evaluation untouched; training and resume through it."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_imagefolder, make_rows
+from helpers import TINY_TRAIN, make_imagefolder, make_rows, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,10 +19,6 @@ from mmfusion.device_decode import DeviceDecoder
 from mmfusion.prepare import build_splits
 from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
 from mmfusion.rows import Collator
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 
 SIZES = [(48, 40), (64, 64), (90, 70), (40, 96), (32, 32)]
 
@@ -143,32 +138,19 @@ def test_device_decode_excludes_streams():
         parse_args(["--data.path", "x", "--data.streaming", "true", "--data.cache", "device"])
 
 
-def _train(args: list[str]) -> int:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    return train.main(args)
-
-
-TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32"]
-TINY += ["--train.batch_size", "8", "--train.eval_batch_size", "5", "--train.report", "false"]
-
-
 def test_training_with_device_decode_and_resuming_it(tmp_path):
     """Training through the device path ends like any run, and a run resumed mid-epoch equals the straight run."""
     data = _jpeg_folder(tmp_path / "data", train_rows=40, png_every=4)
-    common = ["--data.path", str(data), *TINY, "--train.max_steps", "6", "--train.eval_every", "6"]
+    common = ["--data.path", str(data), *TINY_TRAIN, "--train.max_steps", "6", "--train.eval_every", "6"]
     common += ["--data.cache", "device", "--train.save_every", "3", "--train.log_every", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _train([*common, "--train.output_dir", str(straight)]) == 0
+    assert train_in_process([*common, "--train.output_dir", str(straight)]) == 0
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    assert _train([*common, "--train.output_dir", str(resumed), "--train.resume", "latest"]) == 0
+    assert train_in_process([*common, "--train.output_dir", str(resumed), "--train.resume", "latest"]) == 0
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
     plain = tmp_path / "plain"  # the host path trains other weights: the device path is really taken
-    assert _train([*common[:-6], "--train.log_every", "1", "--train.output_dir", str(plain)]) == 0
+    assert train_in_process([*common[:-6], "--train.log_every", "1", "--train.output_dir", str(plain)]) == 0
     c = load_file(plain / "final" / "model.safetensors")
     assert not all(torch.equal(a[key], c[key]) for key in a)
 

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_imagefolder, make_rows
+from helpers import TINY_TRAIN, make_imagefolder, make_rows, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
 from mmfusion.config import Config, DataConfig, FusionConfig, TaskSpec
 from mmfusion.prepare import build_splits
 from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 
 SIZES_AND_MODES = [((40, 30), "RGB"), ((64, 64), "RGBA"), ((100, 80), "L"), ((33, 90), "P"), ((32, 32), "RGB")]
 
@@ -153,37 +148,27 @@ def test_bad_images_are_reported_from_the_cache_as_when_decoding(tmp_path):
             _prepare(data, cache)
 
 
-def _train(args: list[str]) -> int:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    return train.main(args)
-
-
-TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32"]
-TINY += ["--train.batch_size", "8", "--train.eval_batch_size", "5", "--train.report", "false"]
-
-
 def test_training_through_the_cache_and_resuming_it(tmp_path):
     data = _noisy_imagefolder(tmp_path / "data", train_rows=40)  # 5 batches an epoch
-    common = ["--data.path", str(data), *TINY, "--train.max_steps", "6", "--train.eval_every", "6"]
+    common = ["--data.path", str(data), *TINY_TRAIN, "--train.max_steps", "6", "--train.eval_every", "6"]
     cache = ["--data.cache", str(tmp_path / "cache")]
 
     # Without augmentation the cache serves the decoded pixels: the same run, to the last bit.
     plain, cached = tmp_path / "plain", tmp_path / "cached"
-    assert _train([*common, "--data.augment", "false", "--train.output_dir", str(plain)]) == 0
-    assert _train([*common, "--data.augment", "false", *cache, "--train.output_dir", str(cached)]) == 0
+    assert train_in_process([*common, "--data.augment", "false", "--train.output_dir", str(plain)]) == 0
+    assert train_in_process([*common, "--data.augment", "false", *cache, "--train.output_dir", str(cached)]) == 0
     a, b = load_file(plain / "final" / "model.safetensors"), load_file(cached / "final" / "model.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
 
     # With augmentation, a run resumed mid-epoch from the cache equals the straight run.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     saving = ["--train.save_every", "3", "--train.log_every", "1"]
-    assert _train([*common, *cache, *saving, "--train.output_dir", str(straight)]) == 0
+    assert train_in_process([*common, *cache, *saving, "--train.output_dir", str(straight)]) == 0
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    assert _train([*common, *cache, *saving, "--train.output_dir", str(resumed), "--train.resume", "latest"]) == 0
+    assert (
+        train_in_process([*common, *cache, *saving, "--train.output_dir", str(resumed), "--train.resume", "latest"])
+        == 0
+    )
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(a[key], b[key]) for key in a)
     logged = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
