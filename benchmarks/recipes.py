@@ -8,11 +8,11 @@
 Recipes are YAML files: `configs/baseline_seed.yaml` (`seed`) and `benchmarks/recipes/NAME.yaml`; `default` is
 empty, i.e. the dataclass defaults. A run trains `train.py --config MERGED` where MERGED is the set's tasks.yaml
 (data, image size, tasks) with the recipe's options on top; tasks a recipe lists are added to the set's (e.g. an
-auxiliary matching task). `single` trains the default recipe on each task of a set alone (losses summed, same
-time limit), the baselines of delta-m (none for tasks whose ceiling in results/suite_ceilings.json is below
-0.05). Each finished run is a line of `--runs` (JSON Lines, with its resolved configuration's fingerprint and the
-load average at its start and end); runs already there are reused, so an interrupted study continues where it
-stopped and an edited recipe runs again.
+auxiliary matching task), and its `task_options` are set on each of the set's tasks (e.g. task towers). `single`
+trains the default recipe on each task of a set alone (losses summed, same time limit), the baselines of delta-m
+(none for tasks whose ceiling in results/suite_ceilings.json is below 0.05). Each finished run is a line of
+`--runs` (JSON Lines, with its resolved configuration's fingerprint and the load average at its start and end);
+runs already there are reused, so an interrupted study continues where it stopped and an edited recipe runs again.
 
 Writes benchmarks/results/recipes.json and recipes.md: per set and task the test primary metric (mean and sample
 std over seeds); per recipe the mean normalised score (each task's metric divided by the best recipe mean on it,
@@ -62,18 +62,24 @@ SET_KEYS = (("data", "path"), ("data", "text_column"), ("model", "image_size"))
 
 
 def merged_config(set_yaml: dict, recipe: dict, tasks: list[dict] | None = None) -> dict:
-    """The set's fragment with the recipe's options on top; the recipe's tasks are appended to the set's."""
+    """The set's fragment with the recipe's options on top; the recipe's `task_options` are set on each of the set's
+    tasks and its tasks are appended to the set's."""
     config = {section: dict(recipe.get(section) or {}) for section in ("model", "data", "train")}
     for section, key in SET_KEYS:
         if key in set_yaml.get(section, {}):
             config[section][key] = set_yaml[section][key]
-    config["tasks"] = list(tasks if tasks is not None else set_yaml["tasks"]) + list(recipe.get("tasks") or [])
+    set_tasks = [
+        {**task, **(recipe.get("task_options") or {})} for task in (tasks if tasks is not None else set_yaml["tasks"])
+    ]
+    config["tasks"] = set_tasks + list(recipe.get("tasks") or [])
     return config
 
 
-ADDED_SETTINGS = {("train", "gradnorm_alpha"): 1.5}
+ADDED_SETTINGS = {("train", "gradnorm_alpha"): 1.5, ("model", "regression_dropout"): 0.1}
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
+READ_BY = {("model", "regression_dropout"): "regression"}
+"""Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 
 
 def fingerprint(config_file: Path, extra: list[str]) -> str:
@@ -82,8 +88,10 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
     resolved = parse_args(["--config", str(config_file), *extra], prog="recipes.py").to_dict()
     for key in ("output_dir", "seed"):
         resolved["train"].pop(key)
+    types = {task["type"] for task in resolved["tasks"]}
     for (section, key), value in ADDED_SETTINGS.items():
-        if resolved[section].get(key) == value:
+        unread = (section, key) in READ_BY and READ_BY[section, key] not in types
+        if resolved[section].get(key) == value or unread:
             resolved[section].pop(key)
     resolved.pop("config")
     return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]

@@ -215,7 +215,10 @@ class FusionConfig:
     rank: int = 16
     """bilinear: rank of the low-rank factorisation."""
     dropout: float = 0.1
-    """Dropout in fusion layers and heads."""
+    """Dropout in fusion layers and heads (regression heads: `regression_dropout`)."""
+    regression_dropout: float = 0.0
+    """Dropout in regression heads. Off by default: dropout before a regression output makes the predictions it
+    trains on noisier than those it is evaluated on (the suite's multi-task regressions: benchmarks/results)."""
     tasks: tyro.conf.Suppress[list[TaskSpec]] = field(default_factory=list)
     """The tasks the model predicts. In a run configuration they are given at the top level (`tasks:`), and the
     trainer builds the model with them (`Config.model_config()`)."""

@@ -35,7 +35,7 @@ class TaskHead(nn.Module):
 
     @classmethod
     def from_config(cls, spec: TaskSpec, config: FusionConfig, in_dims: dict[str, int], map_shapes=None) -> TaskHead:
-        return cls(spec, config.dim, config.dropout)
+        return cls(spec, config.dim, config.regression_dropout if spec.type == "regression" else config.dropout)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.drop(self.tower(features)))

@@ -138,6 +138,10 @@ def check_values(config: Config) -> list[str]:
         (model.dim > 0, f"--model.dim must be > 0, got {model.dim}"),
         (model.decoder_dim > 0, f"--model.decoder_dim must be > 0, got {model.decoder_dim}"),
         (0 <= model.dropout < 1, f"--model.dropout must be in [0, 1), got {model.dropout}"),
+        (
+            0 <= model.regression_dropout < 1,
+            f"--model.regression_dropout must be in [0, 1), got {model.regression_dropout}",
+        ),
         (model.image_size is None or model.image_size > 0, f"--model.image_size must be > 0, got {model.image_size}"),
         (
             model.image_encoder not in ("timm", "hf") or model.image_model or model.pretrained,

@@ -212,6 +212,19 @@ def test_deep_supervision_heads_only_in_training_loss():
     assert all(p.grad is None for p in model.aux_heads.parameters())
 
 
+@pytest.mark.parametrize("regression_dropout", [0.0, 0.5])
+def test_regression_heads_have_their_own_dropout_off_by_default(regression_dropout):
+    """Dropout before a regression output is `regression_dropout` (0: its training predictions are the evaluated
+    ones); the other heads keep model.dropout."""
+    model = FusionModel(tiny_config(dropout=0.5, regression_dropout=regression_dropout)).train()
+    torch.manual_seed(0)
+    features = torch.randn(64, 32)
+    assert not torch.equal(model.heads["topic"](features), model.heads["topic"](features))
+    score_train = model.heads["score"](features)
+    assert torch.equal(score_train, model.heads["score"](features)) == (regression_dropout == 0)
+    assert torch.equal(score_train, model.heads["score"].eval()(features)) == (regression_dropout == 0)
+
+
 def test_missing_labels_for_a_whole_batch_give_zero_not_nan():
     model = _build("simple_cnn", "lstm", "gated", None)
     batch = _with_labels(tiny_batch(), topic=torch.full((4,), -1), score=torch.full((4,), float("nan")))

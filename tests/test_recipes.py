@@ -38,6 +38,9 @@ def test_the_set_decides_data_and_tasks_and_the_recipe_the_rest():
     assert [t["name"] for t in config["tasks"]] == ["shape", "count", "align"]
     alone = merged_config(SET_YAML, {}, [SET_YAML["tasks"][1]])
     assert [t["name"] for t in alone["tasks"]] == ["count"]
+    towers = merged_config(SET_YAML, {**recipe, "task_options": {"hidden_layers": 1}})
+    assert [t.get("hidden_layers") for t in towers["tasks"]] == [1, 1, None]  # the set's tasks, not the recipe's
+    assert SET_YAML["tasks"][0] == {"name": "shape", "type": "classification"}  # the set's fragment is left as it is
 
 
 def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
@@ -57,9 +60,16 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     # recipes.ADDED_SETTINGS names the value that trains as before it existed; a changed default re-pins it.
     gradnorm = tmp_path / "gradnorm.yaml"
     gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
-    pinned = fingerprint(gradnorm, ["--train.time_limit", "60"])
+    # regression_dropout came with a new default (0; before it, regression heads had model.dropout 0.1): at 0.1
+    # the run trains as it did, and a set with a regression task gets a new fingerprint by default
+    as_before = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
+    pinned = fingerprint(gradnorm, as_before)
     assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
-    assert fingerprint(gradnorm, ["--train.time_limit", "60", "--train.gradnorm_alpha", "0"]) != pinned
+    assert fingerprint(gradnorm, [*as_before, "--train.gradnorm_alpha", "0"]) != pinned
+    assert fingerprint(gradnorm, ["--train.time_limit", "60"]) != pinned
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(yaml.safe_dump({**merged_config(SET_YAML, {}), "tasks": SET_YAML["tasks"][:1]}))
+    assert fingerprint(classes, ["--train.time_limit", "60"]) == fingerprint(classes, as_before)  # no regression
 
 
 def _plan(recipe, seed, name="clutter", key="k"):
