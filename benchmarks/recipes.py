@@ -50,6 +50,8 @@ RECIPES = {
     **{path.stem: path for path in sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml")) if path.stem != "default"},
 }
 """Recipe name -> YAML file of its options (model, train, data options; tasks to add)."""
+SCREENS = ("towers", "wide", "no_dropout")
+"""Recipes tried on a few sets only (results/recipes_screen.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -478,7 +480,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=180, help="seconds per run (--train.time_limit)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only-sets", nargs="+", choices=list(SETS), default=list(SETS))
-    parser.add_argument("--only-recipes", nargs="+", choices=[*RECIPES, "single"], default=[*RECIPES, "single"])
+    studied = [name for name in RECIPES if name not in SCREENS]
+    parser.add_argument("--only-recipes", nargs="+", choices=[*RECIPES, "single"], default=[*studied, "single"])
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="training runs at once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (--train.cpu_threads; 0: cores)")
     parser.add_argument(

@@ -15,7 +15,7 @@ from mmfusion.metrics import delta_m
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from recipes import fingerprint, interleaved, merged_config, run_key, same_configuration, summarise
+from recipes import RECIPES, SCREENS, fingerprint, interleaved, merged_config, run_key, same_configuration, summarise
 
 SET_YAML = {
     "data": {"path": "/data/clutter", "text_column": "question"},
@@ -41,6 +41,11 @@ def test_the_set_decides_data_and_tasks_and_the_recipe_the_rest():
     towers = merged_config(SET_YAML, {**recipe, "task_options": {"hidden_layers": 1}})
     assert [t.get("hidden_layers") for t in towers["tasks"]] == [1, 1, None]  # the set's tasks, not the recipe's
     assert SET_YAML["tasks"][0] == {"name": "shape", "type": "classification"}  # the set's fragment is left as it is
+
+
+def test_screened_recipes_exist_and_the_compared_ones_are_not_screens():
+    assert set(SCREENS) <= set(RECIPES)
+    assert not {"default", "seed", "generic_v0", "sample_v0", "sum"} & set(SCREENS)
 
 
 def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
