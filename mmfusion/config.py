@@ -218,7 +218,7 @@ class FusionConfig:
     """Dropout in fusion layers and heads (regression heads: `regression_dropout`)."""
     regression_dropout: float = 0.0
     """Dropout in regression heads. Off by default: dropout before a regression output makes the predictions it
-    trains on noisier than those it is evaluated on (the suite's multi-task regressions: benchmarks/results)."""
+    trains on noisier than those it is evaluated on (measured on the suite: benchmarks/results/recipes.md)."""
     tasks: tyro.conf.Suppress[list[TaskSpec]] = field(default_factory=list)
     """The tasks the model predicts. In a run configuration they are given at the top level (`tasks:`), and the
     trainer builds the model with them (`Config.model_config()`)."""
