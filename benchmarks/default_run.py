@@ -3,6 +3,7 @@ steps and training pairs/s, the best checkpoint's validation metrics (chosen on 
 
     python benchmarks/default_run.py              # -> benchmarks/results/default_run.json
     python benchmarks/default_run.py --runs 2     # more runs: each one's figures, plus their mean and sample std
+    python benchmarks/default_run.py --train-args "--train.loss_weighting nll" --name default_run_nll
 
 The machine's load average before and after each run is recorded: on a shared machine it explains slow runs.
 """
@@ -22,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 from mmfusion.runlog import best_record, read_run_config  # noqa: E402
 
 
-def one_run(output_dir: Path) -> dict:
+def one_run(output_dir: Path, train_args: list[str]) -> dict:
     """Run the README's command (its output directory moved to `output_dir`) and read what it wrote."""
-    command = ["accelerate", "launch", "train.py"]
+    command = ["accelerate", "launch", "train.py", *train_args]
     run = timed_train(command, output_dir)
     history = run.pop("history")
     best = best_record(history.validation, read_run_config(output_dir).train.best_metric)
@@ -43,18 +44,20 @@ def one_run(output_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--train-args", default="", help="train.py options added to the command (one string)")
+    parser.add_argument("--name", default="default_run", help="results/NAME.json")
     args = parser.parse_args()
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as directory:
-            runs.append(one_run(Path(directory) / "run"))
+            runs.append(one_run(Path(directory) / "run", args.train_args.split()))
         print(json.dumps({k: runs[-1][k] for k in ("wall_s", "steps", "train_pairs_per_s", "best_step")}))
     walls = [run["wall_s"] for run in runs]
     summary = {
         "wall_s_mean": statistics.fmean(walls),
         "wall_s_sample_std": statistics.stdev(walls) if len(walls) > 1 else None,
     }
-    write_result("default_run", {"runs": runs, **summary})
+    write_result(args.name, {"runs": runs, **summary})
 
 
 if __name__ == "__main__":

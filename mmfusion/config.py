@@ -34,7 +34,7 @@ ImageEncoderName = Literal[
 ]
 TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
 FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
-WeightingName = Literal["sum", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
+WeightingName = Literal["sum", "nll", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
 @dataclass
@@ -360,8 +360,10 @@ class TrainConfig:
     """Gradient clipping norm (0: no clipping)."""
     loss_weighting: WeightingName = "uncertainty"
     """How task losses combine: sum, uncertainty (the default: each task's loss scaled by a learned 1 / its typical
-    loss, so a task already fitted well, such as a regression, keeps improving; the benchmark suite's best
-    multi-task model against single-task ones, benchmarks/results/recipes.md), dwa, rlw, gls, pcgrad, mgda, cagrad,
+    loss, so a task already fitted well, such as a regression, keeps improving; benchmarks/results/recipes.md),
+    nll (the joint negative log-likelihood of a row's labels: cross-entropies as they are, a multilabel loss times
+    its number of labels, each regression's loss L weighted 0.5 / L at every step; the suite's best multi-task
+    model against single-task ones, but it costs the sample's image-only task), dwa, rlw, gls, pcgrad, mgda, cagrad,
     gradnorm."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;

@@ -1,6 +1,7 @@
-"""How task losses combine into the loss that is back-propagated: static weights, learned or adaptive weights
-(uncertainty, DWA, RLW, GLS) and weights from the task gradients (PCGrad, MGDA, CAGrad, GradNorm via torchjd),
-with the plumbing those need under gradient accumulation, several processes and fp16 loss scaling.
+"""How task losses combine into the loss that is back-propagated: static weights, the joint likelihood (nll),
+learned or adaptive weights (uncertainty, DWA, RLW, GLS) and weights from the task gradients (PCGrad, MGDA,
+CAGrad, GradNorm via torchjd), with the plumbing those need under gradient accumulation, several processes and
+fp16 loss scaling.
 """
 
 from __future__ import annotations
@@ -72,6 +73,31 @@ class LossWeighting(nn.Module):
                 f"{directory} has no {self.FILE}: the {type(self).__name__} state of this run is missing, so a resume "
                 "from it would restart the loss weighting; resume from another checkpoint"
             )
+
+
+LIKELIHOOD_FACTORS = {"mse": 0.5, "huber": 0.5, "l1": 1.0}
+"""A regression loss L -> the factor c of its profile negative log-likelihood c log L (Gaussian for mse and huber,
+Laplace for l1) once the noise scale is set to its maximum-likelihood value; other losses (silog) keep weight 1."""
+
+
+class LikelihoodWeighting(LossWeighting):
+    """`nll`: the tasks' losses as one negative log-likelihood of a row's labels. A cross-entropy is one (weight 1);
+    a multilabel loss, the mean over its K binary labels, is 1/K of one (weight K). A regression's loss L is one
+    once its noise scale is set to its maximum-likelihood value, which leaves c log L (c = 0.5 for mse), so at every
+    step the regression gets the weight c / L: a regression fitted well keeps improving, with no learned weight
+    lagging behind its falling loss (uncertainty's) and no weight taken from a classification that is still hard.
+    A dense task counts as one outcome per image. Under DDP each process weighs its own batch's loss (DDP's averaged
+    gradient keeps their parameters equal). Nothing is learned, so FSDP accepts it."""
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks, seed)
+        regression = ("regression", "dense_regression")
+        self.factors = [LIKELIHOOD_FACTORS.get(t.loss, 0.0) if t.type in regression else 0.0 for t in tasks]
+        self.outcomes = [float(t.num_labels) if t.type == "multilabel" else 1.0 for t in tasks]
+
+    def task_weights(self, losses, present, step):
+        factors, outcomes = losses.new_tensor(self.factors), losses.new_tensor(self.outcomes)
+        return self.static * torch.where(factors > 0, factors / losses.detach().clamp(min=1e-6), outcomes)
 
 
 class UncertaintyWeighting(LossWeighting):
@@ -295,6 +321,7 @@ class GradNormWeighting(GradientWeighting):
 
 WEIGHTINGS = {
     "sum": LossWeighting,
+    "nll": LikelihoodWeighting,
     "uncertainty": UncertaintyWeighting,
     "dwa": DynamicWeightAverage,
     "rlw": RandomLossWeighting,

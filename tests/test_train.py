@@ -334,7 +334,9 @@ def test_two_processes_with_a_time_limit_plan_and_stop_together(tiny_data, tmp_p
     assert first == second and int(first.split()[0]) > 12, (first, second)
 
 
-@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"])
+@pytest.mark.parametrize(
+    "weighting", ["nll", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
+)
 def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, weighting):
     out = tmp_path / "run"
     args = [

@@ -58,6 +58,25 @@ def test_cagrad_improves_the_worst_task_over_plain_averaging():
     assert min(combined @ g_a, combined @ g_b) / combined.norm() > min(mean @ g_a, mean @ g_b) / mean.norm()
 
 
+def test_nll_is_the_joint_likelihood_with_each_regression_noise_at_its_maximum():
+    tasks = [
+        TaskSpec("c", "classification"),
+        TaskSpec("m", "multilabel", num_labels=4),
+        TaskSpec("r", "regression"),
+        TaskSpec("l", "regression", loss="l1"),
+    ]
+    weighting = build_weighting("nll", tasks)
+    z = torch.tensor([0.3, 0.4, 0.2, 0.5], requires_grad=True)
+    losses = {"c": z[0].exp(), "m": z[1].exp(), "r": z[2] ** 2, "l": z[3].abs()}
+    weighting(losses, torch.tensor([True, True, True, True]), step=0).backward()
+    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 0.5 / 0.2**2, 1.0 / 0.5]))
+    # the gradient of cross-entropy + 4 x the mean binary cross-entropy of 4 labels + 0.5 log MSE + log L1
+    w = z.detach().clone().requires_grad_(True)
+    (w[0].exp() + 4 * w[1].exp() + 0.5 * torch.log(w[2] ** 2) + torch.log(w[3].abs())).backward()
+    torch.testing.assert_close(z.grad, w.grad)
+    assert not list(weighting.parameters()) and not weighting.stateful  # nothing learned: FSDP can train with it
+
+
 def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
     weighting = build_weighting("uncertainty", TASKS)
     optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
