@@ -50,8 +50,9 @@ RECIPES = {
     **{path.stem: path for path in sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml")) if path.stem != "default"},
 }
 """Recipe name -> YAML file of its options (model, train, data options; tasks to add)."""
-SCREENS = ("towers", "wide", "no_dropout")
-"""Recipes tried on a few sets only (results/recipes_screen.md): run when named in --only-recipes, not by default."""
+SCREENS = ("towers", "wide", "no_dropout", "nll_running")
+"""Recipes tried on a few sets only (results/recipes_screen.md, recipes_nll_noise.md): run when named in
+--only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -77,7 +78,11 @@ def merged_config(set_yaml: dict, recipe: dict, tasks: list[dict] | None = None)
     return config
 
 
-ADDED_SETTINGS = {("train", "gradnorm_alpha"): 1.5, ("model", "regression_dropout"): 0.1}
+ADDED_SETTINGS = {
+    ("train", "gradnorm_alpha"): 1.5,
+    ("model", "regression_dropout"): 0.1,
+    ("train", "nll_noise_decay"): 0.0,
+}
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
 READ_BY = {("model", "regression_dropout"): "regression"}

@@ -365,6 +365,10 @@ class TrainConfig:
     its number of labels, each regression's loss L weighted 0.5 / L at every step; the suite's best multi-task
     model against single-task ones, but it costs the sample's image-only task), dwa, rlw, gls, pcgrad, mgda, cagrad,
     gradnorm."""
+    nll_noise_decay: float = 0.0
+    """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
+    d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on one set only
+    (benchmarks/results/recipes_nll_noise.md)."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""

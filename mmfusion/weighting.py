@@ -49,6 +49,9 @@ class LossWeighting(nn.Module):
         # graph, which DDP requires of all processes.
         return (weights * losses).sum() + self.regulariser(present)
 
+    def observe_losses(self, task_losses: dict[str, torch.Tensor], present: torch.Tensor, accelerator) -> None:
+        """Called on every process before each combination, for running statistics of the losses."""
+
     def end_epoch(self, accelerator) -> None:
         """Called once per epoch on every process."""
 
@@ -87,17 +90,37 @@ class LikelihoodWeighting(LossWeighting):
     step the regression gets the weight c / L: a regression fitted well keeps improving, with no learned weight
     lagging behind its falling loss (uncertainty's) and no weight taken from a classification that is still hard.
     A dense task counts as one outcome per image. Under DDP each process weighs its own batch's loss (DDP's averaged
-    gradient keeps their parameters equal). Nothing is learned, so FSDP accepts it."""
+    gradient keeps their parameters equal). Nothing is learned, so FSDP accepts it.
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+    With `noise_decay` d > 0 the noise variance is instead a running mean of the loss over recent batches (each
+    batch's loss averaged over the processes, then noise <- d noise + (1 - d) loss): the maximum-likelihood noise
+    of recent data rather than of the batch alone, so a batch the regression still gets wrong weighs more."""
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0, noise_decay: float = 0.0) -> None:
         super().__init__(tasks, seed)
         regression = ("regression", "dense_regression")
         self.factors = [LIKELIHOOD_FACTORS.get(t.loss, 0.0) if t.type in regression else 0.0 for t in tasks]
         self.outcomes = [float(t.num_labels) if t.type == "multilabel" else 1.0 for t in tasks]
+        self.noise_decay = noise_decay
+        if noise_decay:  # state only then, so checkpoints of the per-batch form stay loadable as they were
+            self.register_buffer("noise", torch.zeros(len(tasks)))  # 0: no loss seen yet
+
+    def observe_losses(self, task_losses, present, accelerator) -> None:
+        if not self.noise_decay:
+            return
+        losses = torch.stack([task_losses[name].detach().float() for name in self.names])
+        total = torch.stack([losses * present, present.float()])
+        total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
+        mean, seen = total[0] / total[1].clamp(min=1), total[1] > 0
+        running = torch.where(self.noise > 0, self.noise_decay * self.noise + (1 - self.noise_decay) * mean, mean)
+        self.noise = torch.where(seen, running, self.noise)
 
     def task_weights(self, losses, present, step):
         factors, outcomes = losses.new_tensor(self.factors), losses.new_tensor(self.outcomes)
-        return self.static * torch.where(factors > 0, factors / losses.detach().clamp(min=1e-6), outcomes)
+        noise = losses.detach()
+        if self.noise_decay:
+            noise = torch.where(self.noise > 0, self.noise, noise)
+        return self.static * torch.where(factors > 0, factors / noise.clamp(min=1e-6), outcomes)
 
 
 class UncertaintyWeighting(LossWeighting):
@@ -333,11 +356,15 @@ WEIGHTINGS = {
 }
 
 
-def build_weighting(name: str, tasks: list[TaskSpec], seed: int = 0, gradnorm_alpha: float = 1.5) -> LossWeighting:
+def build_weighting(
+    name: str, tasks: list[TaskSpec], seed: int = 0, gradnorm_alpha: float = 1.5, nll_noise_decay: float = 0.0
+) -> LossWeighting:
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
     if name == "gradnorm":
         return GradNormWeighting(tasks, seed, alpha=gradnorm_alpha)
+    if name == "nll":
+        return LikelihoodWeighting(tasks, seed, noise_decay=nll_noise_decay)
     return WEIGHTINGS[name](tasks, seed)
 
 
@@ -370,6 +397,7 @@ def weighted_backward(accelerator, model, weighting, output, present: torch.Tens
     back-propagate the combination. Returns the combined loss."""
     if weighting.needs_gradients:
         weighting.observe(output.task_losses, present, shared_tensors(model, output, weighting), accelerator)
+    weighting.observe_losses(output.task_losses, present, accelerator)
     loss = weighting(output.task_losses, present, step)
     accelerator.backward(loss)
     return loss

@@ -18,7 +18,7 @@ from mmfusion.weighting import average_gradients, build_weighting, ddp_sync_disa
 def check(name: str, accelerator: Accelerator) -> None:
     torch.manual_seed(0)
     model = FusionModel(tiny_config("simple_cnn", "gru", "concat"))
-    weighting = build_weighting(name, model.config.tasks).to(accelerator.device)
+    weighting = build_weighting(name, model.config.tasks, nll_noise_decay=0.9).to(accelerator.device)
     optimizer = build_optimizer(model, TrainConfig(lr=0.01), weighting.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = tiny_batch(seed=accelerator.process_index)  # different samples on each process
@@ -32,7 +32,10 @@ def check(name: str, accelerator: Accelerator) -> None:
         average_gradients(accelerator, model, weighting)
         optimizer.step()
         optimizer.zero_grad()
-    weights = accelerator.gather(weighting.current if weighting.needs_gradients else weighting.log_variance.detach())
+    if weighting.needs_gradients:
+        weights = accelerator.gather(weighting.current)
+    else:  # the state the weights come from: learned log-variances, or nll's running noise of each task
+        weights = accelerator.gather(weighting.noise if name == "nll" else weighting.log_variance.detach())
     parameters = torch.cat(
         [p.detach().flatten() for p in model.parameters()] + [p.detach().flatten() for p in weighting.parameters()]
     )
@@ -45,7 +48,7 @@ def check(name: str, accelerator: Accelerator) -> None:
 
 if __name__ == "__main__":
     accelerator = Accelerator()
-    for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty"):
+    for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty", "nll"):
         check(name, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()

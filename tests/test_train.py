@@ -175,6 +175,14 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--model.fusion", "nope"], "invalid choice 'nope' for argument '--model.fusion'"),
         (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
         (["--train.gradnorm_alpha", "-0.5"], "--train.gradnorm_alpha must be >= 0, got -0.5"),
+        (
+            ["--train.loss_weighting", "nll", "--train.nll_noise_decay", "1"],
+            "--train.nll_noise_decay must be in [0, 1), got 1.0",
+        ),
+        (
+            ["--train.nll_noise_decay", "0.9"],
+            "--train.nll_noise_decay applies to --train.loss_weighting nll, not uncertainty",
+        ),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
     ],
 )

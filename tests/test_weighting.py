@@ -77,6 +77,23 @@ def test_nll_is_the_joint_likelihood_with_each_regression_noise_at_its_maximum()
     assert not list(weighting.parameters()) and not weighting.stateful  # nothing learned: FSDP can train with it
 
 
+def test_nll_noise_decay_weighs_each_regression_by_a_running_mean_of_its_loss(tmp_path):
+    tasks = [TaskSpec("c", "classification"), TaskSpec("r", "regression"), TaskSpec("l", "regression", loss="l1")]
+    weighting = build_weighting("nll", tasks, nll_noise_decay=0.9)
+    steps = [([2.0, 0.5, 4.0], [True, True, True]), ([1.0, 0.1, 9.0], [True, True, False])]
+    for values, present in steps:
+        losses, present = dict(zip("crl", map(torch.tensor, values))), torch.tensor(present)
+        weighting.observe_losses(losses, present, ONE_PROCESS)
+        weighting(losses, present, step=0)
+    noise_r = 0.9 * 0.5 + 0.1 * 0.1  # the second step's own loss (0.1) would give 0.5 / 0.1
+    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 0.5 / noise_r, 0.0]))  # l: absent, weight 0
+    torch.testing.assert_close(weighting.noise, torch.tensor([0.9 * 2.0 + 0.1 * 1.0, noise_r, 4.0]))  # l kept
+    weighting.save(tmp_path)
+    restored = build_weighting("nll", tasks, nll_noise_decay=0.9)
+    restored.load(tmp_path)  # a resume continues the running means
+    assert torch.equal(restored.noise, weighting.noise) and weighting.stateful
+
+
 def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
     weighting = build_weighting("uncertainty", TASKS)
     optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
@@ -295,7 +312,7 @@ def test_two_processes_compute_the_same_weights_and_apply_the_same_update(tmp_pa
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty"):
+    for name in ("pcgrad", "mgda", "cagrad", "gradnorm", "uncertainty", "nll"):
         assert f"{name}: same weights and update on both processes" in result.stdout
 
 
