@@ -375,11 +375,14 @@ def cell(value: dict | None, digits: int = 3) -> str:
 
 
 def markdown(summary: dict, settings: dict) -> str:
+    limit = settings["time_limit"]
+    options = " ".join(settings["train_args"])
+    budget = f"{limit} s (`--train.time_limit`)" if limit else f"without a time limit (`train.py {options}`)"
     lines = [
         "# Recipes on the benchmark suite",
         "",
-        f"`python benchmarks/recipes.py` ({settings['command']}): every run {settings['time_limit']} s "
-        f"(`--train.time_limit`), torch threads {settings['threads'] or 'per core'}, {settings['jobs']} run(s) "
+        f"`python benchmarks/recipes.py` ({settings['command']}): every run {budget}, "
+        f"torch threads {settings['threads'] or 'per core'}, {settings['jobs']} run(s) "
         f"at once, "
         f"seeds {settings['seeds']}; test split, best validation checkpoint. Cells: mean ± sample std over seeds. "
         f"Normalised: each task's mean divided by the best recipe mean on it, averaged over the set's tasks. "
