@@ -367,8 +367,8 @@ class TrainConfig:
     gradnorm."""
     nll_noise_decay: float = 0.0
     """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
-    d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on one set only
-    (benchmarks/results/recipes_nll_noise.md)."""
+    d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only
+    (benchmarks/results/recipes_nll_noise.md, recipes_nll_noise_clutter.md)."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""
