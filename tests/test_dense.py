@@ -8,7 +8,6 @@ import dataclasses
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,7 +88,6 @@ def test_a_tiny_model_learns_referring_segmentation_and_the_caption_chooses_the_
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 200)
     images, masks, ids = referring_set(512, seed=0)
-    start = time.perf_counter()
     for step in range(200):  # about 6 s on one core; with 12 seeds the worst mIoU was 0.957
         generator = torch.Generator().manual_seed(step)
         rows, which = torch.randint(0, 512, (32,), generator=generator), torch.randint(0, 2, (32,), generator=generator)
@@ -99,7 +97,6 @@ def test_a_tiny_model_learns_referring_segmentation_and_the_caption_chooses_the_
         loss.backward()
         optimizer.step()
         schedule.step()
-    seconds = time.perf_counter() - start
     model.eval()
     images, masks, ids = referring_set(128, seed=1)
     predicted = {}
@@ -109,11 +106,10 @@ def test_a_tiny_model_learns_referring_segmentation_and_the_caption_chooses_the_
             predicted[which] = model(**inputs).logits["object"].argmax(1)
             metrics = DenseTaskMetrics(spec)
             metrics.update(predicted[which], target, torch.ones(128, dtype=torch.bool))
-            assert metrics.compute()["miou"] >= 0.9, (which, metrics.compute(), seconds)
+            assert metrics.compute()["miou"] >= 0.9, (which, metrics.compute())
     # The same images with the other caption: the other square, not the first one again.
     overlap = (predicted[0].bool() & predicted[1].bool()).sum() / (predicted[0].bool() | predicted[1].bool()).sum()
     assert overlap < 0.1
-    assert seconds < 60
 
 
 # ----- masks follow their image -----

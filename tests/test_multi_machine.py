@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from helpers import make_imagefolder, make_rows
 from PIL import Image
 from safetensors.torch import load_file
+from test_train import _run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.image_widths", "8", "16", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "32"]
@@ -65,26 +65,19 @@ def test_two_machines_hold_the_same_weights_and_match_one_machine_with_the_same_
         colour = np.asarray(Image.open(path).resize((32, 32)), dtype=np.int64)
         Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8)).save(path)
     common = ["--data.path", str(data), *TINY, "--train.max_steps", "6", "--train.eval_every", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    one = tmp_path / "one"
-    single = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *common, "--train.batch_size", "8", "--train.output_dir", str(one)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=200,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    one = tmp_path / "one"  # one machine, one process (this one)
+    assert _run([*common, "--train.batch_size", "8", "--train.output_dir", str(one)]) == 0
 
     two, weights = tmp_path / "two", tmp_path / "weights"
     weights.mkdir()
     script = [str(ROOT / "tests" / "multi_machine_check.py"), str(weights), *common, "--train.batch_size", "4"]
     script += ["--train.output_dir", str(two)]  # a directory both machines share, as resuming needs
-    port, machines_env = _free_port(), {**env, "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "1"}
+    port = _free_port()
     machines = [
         subprocess.Popen(
             [*_machine(rank, port), *script],
-            env=machines_env,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -260,11 +260,10 @@ def _launch(args: list[str], tmp_path: Path, launcher: list[str], script: Path =
 
 
 def _one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[Path, Path]:
-    """The same run on one process with batch 8 and on two with batch 4 (the same global batch): the two output
-    directories."""
+    """The same run on one process with batch 8 (in this one) and on two with batch 4 (the same global batch): the
+    two output directories."""
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _launch([*common, "--train.batch_size", "8", "--train.output_dir", str(one)], tmp_path, [sys.executable])
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert _run([*common, "--train.batch_size", "8", "--train.output_dir", str(one)]) == 0
     double = _launch([*common, "--train.batch_size", "4", "--train.output_dir", str(two)], tmp_path, TWO_PROCESSES)
     assert double.returncode == 0, double.stderr[-3000:]
     return one, two
