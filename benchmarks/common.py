@@ -20,6 +20,7 @@ def environment() -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -28,6 +29,13 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux): the same code gives slightly different floats on another CPU model."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def write_result(name: str, result: dict) -> Path:
