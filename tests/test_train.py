@@ -183,6 +183,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             ["--train.nll_noise_decay", "0.9"],
             "--train.nll_noise_decay applies to --train.loss_weighting nll, not uncertainty",
         ),
+        (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
     ],
 )
@@ -497,20 +498,36 @@ def test_train_py_writes_its_own_report_at_the_end(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rows,epochs", [(1, 30.0), (1000, 8.66), (3000, 5.0), (15000, 2.24), (75000, 1.0), (10**6, 1.0)]
+    "rows,at_3000_rows,epochs",
+    [
+        (1, 10.0, 30.0),
+        (1000, 10.0, 17.32),
+        (3000, 10.0, 10.0),
+        (15000, 10.0, 4.47),
+        (300000, 10.0, 1.0),
+        (10**6, 10.0, 1.0),
+        (1000, 5.0, 8.66),
+        (3000, 5.0, 5.0),
+        (75000, 5.0, 1.0),
+    ],
 )
-def test_epochs_follow_the_number_of_training_rows(rows, epochs):
-    assert epochs_for(rows) == epochs
+def test_epochs_follow_the_number_of_training_rows(rows, at_3000_rows, epochs):
+    assert epochs_for(rows, at_3000_rows) == epochs
 
 
 def test_default_epochs_come_from_the_training_rows_and_are_recorded(tiny_data, tmp_path, capsys):
     common = ["--data.path", str(tiny_data), *TINY, "--train.eval_every", "1000", "--train.save_every", "1000"]
     out = tmp_path / "run"
     assert _run([*common, "--train.batch_size", "40", "--train.output_dir", str(out)]) == 0
-    # 40 training rows: 5 * sqrt(3000 / 40) = 43.3 passes, at most 30; one batch of 40 per pass
+    # 40 training rows: 10 * sqrt(3000 / 40) = 86.6 passes, at most 30; one batch of 40 per pass
     assert "30 steps (30 epochs)" in capsys.readouterr().out
     assert "epochs: 30.0" in (out / "config.yaml").read_text()
     assert max(r["step"] for r in _records(out, "train")) == 30
+    scaled = tmp_path / "scaled"
+    args = ["--train.batch_size", "40", "--train.epochs_at_3000_rows", "0.5", "--train.output_dir", str(scaled)]
+    assert _run([*common, *args]) == 0
+    assert "5 steps (4.33 epochs)" in capsys.readouterr().out  # 0.5 * sqrt(3000 / 40) = 4.33 passes
+    assert max(r["step"] for r in _records(scaled, "train")) == 5
     given = tmp_path / "given"
     assert _run([*common, "--train.batch_size", "20", "--train.epochs", "1.5", "--train.output_dir", str(given)]) == 0
     assert max(r["step"] for r in _records(given, "train")) == 3
