@@ -3,11 +3,12 @@
 
     python benchmarks/default_budget.py                          # clutter (3,000 training rows), 600 s
     python benchmarks/default_budget.py --set glyphs --time-limit 300
+    python benchmarks/default_budget.py --train-args "--train.loss_weighting nll" --name default_budget_nll
 
-Writes benchmarks/results/default_budget.json: the wall clock against the limit, the steps, the test metrics of
-best/ beside the set's ceilings (results/suite_ceilings.json) and, when benchmarks/recipes.py has run, the default
-recipe's test metrics at the study's shorter budget; the load average before and after (a time budget makes the
-figures depend on it).
+Writes benchmarks/results/default_budget.json (or NAME.json): the wall clock against the limit, the steps, the
+test metrics of best/ beside the set's ceilings (results/suite_ceilings.json) and, when benchmarks/recipes.py has
+run, the default recipe's test metrics at the study's shorter budget; the load average before and after (a time
+budget makes the figures depend on it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--set", default="clutter", choices=list(SETS))
     parser.add_argument("--time-limit", type=float, default=600)
     parser.add_argument("--suite", type=Path, default=ROOT / "runs" / "suite", help="where the suite's sets are")
+    parser.add_argument("--train-args", default="", help="train.py options added to the command (one string)")
+    parser.add_argument("--name", default="default_budget", help="results/NAME.json")
     options = parser.parse_args()
     config = generate(options.set, options.suite) / "tasks.yaml"
     command = [
@@ -39,6 +42,7 @@ def main() -> None:
         str(config),
         "--train.time_limit",
         f"{options.time_limit:g}",
+        *options.train_args.split(),
     ]
     with tempfile.TemporaryDirectory() as scratch:
         run = timed_train(command, Path(scratch) / "run")
@@ -68,7 +72,7 @@ def main() -> None:
         "study_time_limit_s": study.get("settings", {}).get("time_limit") if at_study_budget else None,
         "tasks": tasks,
     }
-    write_result("default_budget", result)
+    write_result(options.name, result)
     print(
         f"{options.set}, {options.time_limit:g} s: {run['wall_s']:.0f} s wall clock "
         f"({100 * result['overshoot']:+.1f} %), {result['steps']} steps, load average "

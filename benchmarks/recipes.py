@@ -50,9 +50,9 @@ RECIPES = {
     **{path.stem: path for path in sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml")) if path.stem != "default"},
 }
 """Recipe name -> YAML file of its options (model, train, data options; tasks to add)."""
-SCREENS = ("towers", "wide", "no_dropout", "nll_running", "epochs_v0")
-"""Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md):
-run when named in --only-recipes, not by default."""
+SCREENS = ("towers", "wide", "no_dropout", "nll_running", "epochs_v0", "film", "cross_attention")
+"""Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
+recipes_fusion_screen.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05

@@ -367,8 +367,8 @@ class TrainConfig:
     loss, so a task already fitted well, such as a regression, keeps improving; benchmarks/results/recipes.md),
     nll (the joint negative log-likelihood of a row's labels: cross-entropies as they are, a multilabel loss times
     its number of labels, each regression's loss L weighted 0.5 / L at every step; the suite's best multi-task
-    model against single-task ones, but it costs the sample's image-only task), dwa, rlw, gls, pcgrad, mgda, cagrad,
-    gradnorm."""
+    model against single-task ones under a time limit, but behind uncertainty without one and on the sample's
+    image-read tasks: benchmarks/results/recipes_epochs_nll.md), dwa, rlw, gls, pcgrad, mgda, cagrad, gradnorm."""
     nll_noise_decay: float = 0.0
     """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
     d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only

@@ -92,7 +92,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
         if any(p.requires_grad for p in weighting.parameters()):
             raise InputError(
                 f"--train.loss_weighting {cfg.loss_weighting} learns parameters outside the model, which accelerate's "
-                "FSDP optimizer cannot hold or checkpoint: with FSDP choose sum, dwa, rlw or gls"
+                "FSDP optimizer cannot hold or checkpoint: with FSDP choose sum, nll, dwa, rlw or gls"
             )
     optimizer = build_optimizer(model, cfg, weighting.parameters())
     loop = Loop(config, accelerator, prepared, MetricsLog(output_dir, start, accelerator.is_main_process), collate)

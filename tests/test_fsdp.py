@@ -91,6 +91,7 @@ def test_fsdp_trains_like_ddp_saves_the_whole_model_and_resumes_exactly(tmp_path
     refused = _launch(tmp_path, tmp_path / "uncertainty", "--train.loss_weighting", "uncertainty")
     assert refused.returncode != 0
     assert "--train.loss_weighting uncertainty learns parameters outside the model" in refused.stderr
+    assert "with FSDP choose sum, nll, dwa, rlw or gls" in refused.stderr
 
 
 @pytest.mark.timeout(200)
