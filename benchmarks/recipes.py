@@ -9,16 +9,17 @@ Recipes are YAML files: `configs/baseline_seed.yaml` (`seed`) and `benchmarks/re
 empty, i.e. the dataclass defaults. A run trains `train.py --config MERGED` where MERGED is the set's tasks.yaml
 (data, image size, tasks) with the recipe's options on top; tasks a recipe lists are added to the set's (e.g. an
 auxiliary matching task), and its `task_options` are set on each of the set's tasks (e.g. task towers). `single`
-trains the default recipe on each task of a set alone (losses summed, same time limit), the baselines of delta-m
-(none for tasks whose ceiling in results/suite_ceilings.json is below 0.05). Each finished run is a line of
-`--runs` (JSON Lines, with its resolved configuration's fingerprint and the load average at its start and end);
-runs already there are reused, so an interrupted study continues where it stopped and an edited recipe runs again.
+trains the default recipe (or `--single-recipe`) on each task of a set alone (losses summed, same time limit), the
+baselines of delta-m (none for tasks whose ceiling in results/suite_ceilings.json is below 0.05). Each finished run
+is a line of `--runs` (JSON Lines, with its resolved configuration's fingerprint and the load average at its start
+and end); runs already there are reused, so an interrupted study continues where it stopped and an edited recipe
+runs again.
 
 Writes benchmarks/results/recipes.json and recipes.md: per set and task the test primary metric (mean and sample
 std over seeds); per recipe the mean normalised score (each task's metric divided by the best recipe mean on it,
 averaged over the set's tasks, then over sets; tasks whose best is below 0.05 are left out) and the time to the
-best validation step; delta-m of the default multi-task model against its single-task models (same seed, same
-time limit per model).
+best validation step; delta-m of the default (or `--single-recipe`) multi-task model against its single-task
+models (same seed, same time limit per model).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ RECIPES = {
     **{path.stem: path for path in sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml")) if path.stem != "default"},
 }
 """Recipe name -> YAML file of its options (model, train, data options; tasks to add)."""
-SCREENS = ("towers", "wide", "no_dropout", "nll_running", "epochs_v0", "film", "cross_attention")
+SCREENS = ("towers", "wide", "no_dropout", "nll_running", "epochs_v0", "epochs_v1", "film", "cross_attention")
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
@@ -83,6 +84,7 @@ ADDED_SETTINGS = {
     ("model", "regression_dropout"): 0.1,
     ("train", "nll_noise_decay"): 0.0,
     ("train", "epochs_at_3000_rows"): 5.0,
+    ("train", "min_epochs"): 1.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
@@ -100,6 +102,7 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
     train = resolved["train"]
     if train["epochs"] or train["max_steps"] or train["time_limit"]:  # the rule of epochs 0 is not read
         train.pop("epochs_at_3000_rows")
+        train.pop("min_epochs")
     for (section, key), value in ADDED_SETTINGS.items():
         unread = (section, key) in READ_BY and READ_BY[section, key] not in types
         if resolved[section].get(key) == value or unread:
@@ -133,13 +136,13 @@ class Study:
         variants = {}
         for recipe in self.options.only_recipes:
             if recipe == "single":
-                default = yaml.safe_load(RECIPES["default"].read_text()) or {}
+                alone = yaml.safe_load(RECIPES[self.options.single_recipe].read_text()) or {}
                 # One task leaves a loss weighting nothing to balance: summed, the same model trains whichever
-                # weighting the default has, so the single-task models serve every candidate weighting.
-                default.setdefault("train", {})["loss_weighting"] = "sum"
+                # weighting the recipe has, so the single-task models serve every candidate weighting.
+                alone.setdefault("train", {})["loss_weighting"] = "sum"
                 for task in set_yaml["tasks"]:
                     if CEILINGS[name]["tasks"][task["name"]]["perfect"] >= NEAR_ZERO:
-                        variants[f"single: {task['name']}"] = merged_config(set_yaml, default, [task])
+                        variants[f"single: {task['name']}"] = merged_config(set_yaml, alone, [task])
             else:
                 variants[recipe] = merged_config(set_yaml, yaml.safe_load(RECIPES[recipe].read_text()) or {})
         runs = []
@@ -272,8 +275,15 @@ def sample_std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: list[int], recipes: list[str]) -> dict:
-    """Per set: each task's test metric per recipe, normalised scores, delta-m; per recipe: the suite means."""
+def summarise(
+    runs: list[dict],
+    set_tasks: dict[str, list[TaskSpec]],
+    seeds: list[int],
+    recipes: list[str],
+    single: str = "default",
+) -> dict:
+    """Per set: each task's test metric per recipe, normalised scores, delta-m (of the `single` recipe, whose
+    single-task models the runs hold); per recipe: the suite means."""
     by = {}
     for run in runs:
         by.setdefault(run["set"], {}).setdefault(run["recipe"], {})[run["seed"]] = run
@@ -319,7 +329,7 @@ def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: lis
             "left_out": left_out,
             "delta_m_tasks": learned,
             "rows": table,
-            "delta_m": set_delta_m(per_recipe, tasks, learned, seeds),
+            "delta_m": set_delta_m(per_recipe, tasks, learned, seeds, single),
             "delta_m_by_recipe": {r: set_delta_m(per_recipe, tasks, learned, seeds, r) for r in recipes},
         }
     complete = [
@@ -355,10 +365,10 @@ def summarise(runs: list[dict], set_tasks: dict[str, list[TaskSpec]], seeds: lis
 
 
 def set_delta_m(
-    per_recipe: dict, tasks: list[TaskSpec], scored: list[str], seeds: list[int], recipe: str = "default"
+    per_recipe: dict, tasks: list[TaskSpec], scored: list[str], seeds: list[int], recipe: str
 ) -> dict | None:
-    """delta-m (%) of a recipe's multi-task model against the (default recipe's) single-task models, seed by seed,
-    over the `scored` tasks."""
+    """delta-m (%) of a recipe's multi-task model against the single-task models, seed by seed, over the `scored`
+    tasks."""
     specs = [t for t in tasks if t.name in scored]
     values = []
     for seed in seeds:
@@ -379,7 +389,7 @@ def cell(value: dict | None, digits: int = 3) -> str:
 
 
 def markdown(summary: dict, settings: dict) -> str:
-    limit = settings["time_limit"]
+    limit, single = settings["time_limit"], settings["single_recipe"]
     options = " ".join(settings["train_args"])
     budget = f"{limit} s (`--train.time_limit`)" if limit else f"without a time limit (`train.py {options}`)"
     lines = [
@@ -450,12 +460,12 @@ def markdown(summary: dict, settings: dict) -> str:
                 + f" | {normalised} | {row['time_to_best_s']:.0f} | {row['steps']:.0f} |"
             )
         if part["delta_m"]:
-            lines += ["", f"delta-m of `default` against its single-task models: {cell(part['delta_m'], 2)} %"]
+            lines += ["", f"delta-m of `{single}` against its single-task models: {cell(part['delta_m'], 2)} %"]
     lines += [
         "",
         "## Multi-task against single-task models (delta-m)",
         "",
-        "The default recipe's one model for all of a set's tasks against one model per task, each trained "
+        f"The `{single}` recipe's one model for all of a set's tasks against one model per task, each trained "
         "under the same time limit, seed by seed; test metrics, every metric of each task learned by some model "
         "(Maninis et al. 2019, higher is better).",
         "",
@@ -473,8 +483,8 @@ def markdown(summary: dict, settings: dict) -> str:
         recipes = list(summary["recipes"])
         lines += [
             "",
-            "Every recipe's multi-task model against the same single-task models (the default recipe's model, one "
-            "task each): for a recipe with another model or data setting the difference includes that change.",
+            f"Every recipe's multi-task model against the same single-task models (the `{single}` recipe's model, "
+            "one task each): for a recipe with another model or data setting the difference includes that change.",
             "",
             "| set | " + " | ".join(recipes) + " |",
             "|" + " --- |" * (len(recipes) + 1),
@@ -494,6 +504,12 @@ def main() -> None:
     parser.add_argument("--only-sets", nargs="+", choices=list(SETS), default=list(SETS))
     studied = [name for name in RECIPES if name not in SCREENS]
     parser.add_argument("--only-recipes", nargs="+", choices=[*RECIPES, "single"], default=[*studied, "single"])
+    parser.add_argument(
+        "--single-recipe",
+        choices=list(RECIPES),
+        default="default",
+        help="the recipe of the single-task models (`single`), and whose multi-task model the delta-m headlines are",
+    )
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="training runs at once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (--train.cpu_threads; 0: cores)")
     parser.add_argument(
@@ -531,7 +547,7 @@ def write_tables(study: Study, plans: list[dict], set_tasks: dict, options: argp
     """results/NAME.json and NAME.md from the runs finished so far (missing cells say so); the markdown."""
     runs = [{**study.finished[run_key(p)], "recipe": p["recipe"]} for p in plans if run_key(p) in study.finished]
     recipes = [r for r in RECIPES if r in options.only_recipes]
-    summary = summarise(runs, set_tasks, options.seeds, recipes)
+    summary = summarise(runs, set_tasks, options.seeds, recipes, options.single_recipe)
     loads = [run["load_start"][0] for run in runs] + [run["load_end"][0] for run in runs]
     settings = {
         "command": "python benchmarks/recipes.py " + " ".join(sys.argv[1:]),
@@ -539,6 +555,7 @@ def write_tables(study: Study, plans: list[dict], set_tasks: dict, options: argp
         "seeds": options.seeds,
         "jobs": options.jobs,
         "threads": options.threads,
+        "single_recipe": options.single_recipe,
         "train_args": study.train_args(),
         "runs": str(options.runs.relative_to(ROOT)) if options.runs.is_relative_to(ROOT) else str(options.runs),
         "finished": f"{len({run_key(p) for p in plans} & set(study.finished))} of {len({run_key(p) for p in plans})}",

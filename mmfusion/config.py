@@ -330,12 +330,15 @@ class TrainConfig:
     """Where config.yaml, metrics.jsonl, checkpoints/, best/ and final/ go."""
     epochs: float = 0.0
     """Passes over the training data (ignored when max_steps > 0 or with a time_limit). 0: from the number of
-    training rows N, epochs_at_3000_rows * sqrt(3000 / N) within [1, 30] (by default 17.3 passes at 1,000 rows, 10
-    at 3,000, 4.5 at 15,000, 1 from 300,000), so a small set gets more passes and a large one more steps;
-    config.yaml records the value used."""
+    training rows N, epochs_at_3000_rows * sqrt(3000 / N) within [min_epochs, 30] (by default 17.3 passes at 1,000
+    rows, 10 from 3,000), so a small set gets more passes and a large one more steps; config.yaml records the value
+    used."""
     epochs_at_3000_rows: float = 10.0
     """With epochs 0: the passes at 3,000 training rows, the scale of the rule above (5 before the suite's
     no-time-limit screen, benchmarks/results/recipes_epochs.md)."""
+    min_epochs: float = 10.0
+    """With epochs 0: the fewest passes the rule gives, however many rows (1 before the suite's ten-pass runs,
+    benchmarks/results/recipes_ten_passes.md, where fewer passes under-trained every set above 3,000 rows)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: use epochs); with a time_limit, at most this many."""
     time_limit: float = 0.0

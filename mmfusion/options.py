@@ -100,6 +100,7 @@ def check_values(config: Config) -> list[str]:
         (train.encoder_lr >= 0, f"--train.encoder_lr must be >= 0, got {train.encoder_lr}"),
         (train.epochs >= 0, f"--train.epochs must be >= 0 (0: from the data size), got {train.epochs}"),
         (train.epochs_at_3000_rows > 0, f"--train.epochs_at_3000_rows must be > 0, got {train.epochs_at_3000_rows}"),
+        (0 < train.min_epochs <= 30, f"--train.min_epochs must be in (0, 30], got {train.min_epochs}"),
         (train.max_steps >= 0, f"--train.max_steps must be >= 0, got {train.max_steps}"),
         (train.grad_accumulation >= 1, f"--train.grad_accumulation must be >= 1, got {train.grad_accumulation}"),
         (0 <= train.warmup_ratio < 1, f"--train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}"),

@@ -212,7 +212,7 @@ def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: 
     source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")
     train, rows = config.train, prepared.datasets["train"]
     if not (train.epochs or train.max_steps or train.time_limit) and hasattr(rows, "__len__"):
-        train = dataclasses.replace(train, epochs=epochs_for(len(rows), train.epochs_at_3000_rows))
+        train = dataclasses.replace(train, epochs=epochs_for(len(rows), train.epochs_at_3000_rows, train.min_epochs))
     return dataclasses.replace(config, model=model, tasks=tasks, data=source, train=train)
 
 

@@ -135,10 +135,10 @@ def build_scheduler(optimizer, train: TrainConfig, plan: StepPlan) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-def epochs_for(rows: int, at_3000_rows: float) -> float:
-    """`train.epochs` 0: `at_3000_rows` passes at 3,000 training rows, scaled by sqrt(3000 / rows), within [1, 30]
-    (2 decimals). The total number of pairs seen grows with the data (as its square root) while the passes shrink."""
-    return round(min(30.0, max(1.0, at_3000_rows * math.sqrt(3000 / max(1, rows)))), 2)
+def epochs_for(rows: int, at_3000_rows: float, min_epochs: float) -> float:
+    """`train.epochs` 0: `at_3000_rows` passes at 3,000 training rows, scaled by sqrt(3000 / rows), within
+    [min_epochs, 30] (2 decimals): a smaller set gets more passes, a larger one at least `min_epochs`."""
+    return round(min(30.0, max(min_epochs, at_3000_rows * math.sqrt(3000 / max(1, rows)))), 2)
 
 
 def aux_scale(schedule: str, step: int, total_steps: int) -> float:

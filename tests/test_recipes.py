@@ -3,6 +3,7 @@ figures of its tables (normalised scores, sample std, delta-m) on hand-made run 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -15,7 +16,17 @@ from mmfusion.metrics import delta_m
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from recipes import RECIPES, SCREENS, fingerprint, interleaved, merged_config, run_key, same_configuration, summarise
+from recipes import (
+    RECIPES,
+    SCREENS,
+    Study,
+    fingerprint,
+    interleaved,
+    merged_config,
+    run_key,
+    same_configuration,
+    summarise,
+)
 
 SET_YAML = {
     "data": {"path": "/data/clutter", "text_column": "question"},
@@ -173,6 +184,9 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
     assert part["delta_m_by_recipe"]["default"] == part["delta_m"]
     assert summary["recipes"]["seed"]["delta_m"] == pytest.approx(statistics.fmean(seed_expected))
     assert summary["delta_m_complete_sets"] == ["clutter"]
+    # with the single-task models of another recipe, the headline delta-m is that recipe's
+    of_seed = summarise(runs, {"clutter": tasks}, [0, 1], ["default", "seed"], single="seed")["sets"]["clutter"]
+    assert of_seed["delta_m"] == part["delta_m_by_recipe"]["seed"]
     # a task no recipe learns but its single-task model does counts in delta-m (and stays out of normalised)
     learned_alone = [*runs, *(_run("single: pair", seed, 0.0, 0.0, 0.3) for seed in (0, 1))]
     with_pair = summarise(learned_alone, {"clutter": tasks}, [0, 1], ["default", "seed"])["sets"]["clutter"]
@@ -182,3 +196,19 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
     assert with_pair["delta_m"]["per_seed"][0] == pytest.approx(
         delta_m(runs[0]["test"], {t: single[(f"single: {t}", 0)][t] for t in ("shape", "count", "pair")}, tasks)
     )
+
+
+def test_single_task_models_follow_the_single_recipe_and_sum_their_loss(tmp_path):
+    plans = {}
+    for recipe in ("default", "no_dropout"):
+        options = {"only_recipes": ["single"], "seeds": [0], "threads": 0, "time_limit": 60, "train_args": ""}
+        study = Study(
+            argparse.Namespace(**options, work=tmp_path / recipe, runs=tmp_path / "none", single_recipe=recipe)
+        )
+        plans[recipe] = study.plan("clutter", SET_YAML)
+    for recipe, plan in plans.items():
+        assert [p["recipe"] for p in plan] == ["single: shape", "single: count"]
+        configs = [yaml.safe_load(p["config_file"].read_text()) for p in plan]
+        assert [c["train"]["loss_weighting"] for c in configs] == ["sum", "sum"]
+        assert [c["model"].get("dropout") for c in configs] == ([None, None] if recipe == "default" else [0.0, 0.0])
+    assert plans["default"][0]["fingerprint"] != plans["no_dropout"][0]["fingerprint"]

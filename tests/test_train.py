@@ -184,6 +184,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             "--train.nll_noise_decay applies to --train.loss_weighting nll, not uncertainty",
         ),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
+        (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
     ],
 )
@@ -498,21 +499,24 @@ def test_train_py_writes_its_own_report_at_the_end(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rows,at_3000_rows,epochs",
+    "rows,at_3000_rows,min_epochs,epochs",
     [
-        (1, 10.0, 30.0),
-        (1000, 10.0, 17.32),
-        (3000, 10.0, 10.0),
-        (15000, 10.0, 4.47),
-        (300000, 10.0, 1.0),
-        (10**6, 10.0, 1.0),
-        (1000, 5.0, 8.66),
-        (3000, 5.0, 5.0),
-        (75000, 5.0, 1.0),
+        (1, 10.0, 10.0, 30.0),
+        (1000, 10.0, 10.0, 17.32),
+        (3000, 10.0, 10.0, 10.0),
+        (5600, 10.0, 10.0, 10.0),  # the floor: the rule alone gives 7.32 passes
+        (15000, 10.0, 10.0, 10.0),
+        (10**6, 10.0, 10.0, 10.0),
+        (15000, 10.0, 1.0, 4.47),  # the rule before the floor
+        (300000, 10.0, 1.0, 1.0),
+        (1000, 5.0, 1.0, 8.66),
+        (3000, 5.0, 1.0, 5.0),
+        (75000, 5.0, 1.0, 1.0),
+        (100, 1.0, 40.0, 30.0),  # never above 30
     ],
 )
-def test_epochs_follow_the_number_of_training_rows(rows, at_3000_rows, epochs):
-    assert epochs_for(rows, at_3000_rows) == epochs
+def test_epochs_follow_the_number_of_training_rows(rows, at_3000_rows, min_epochs, epochs):
+    assert epochs_for(rows, at_3000_rows, min_epochs) == epochs
 
 
 def test_default_epochs_come_from_the_training_rows_and_are_recorded(tiny_data, tmp_path, capsys):
@@ -524,10 +528,13 @@ def test_default_epochs_come_from_the_training_rows_and_are_recorded(tiny_data, 
     assert "epochs: 30.0" in (out / "config.yaml").read_text()
     assert max(r["step"] for r in _records(out, "train")) == 30
     scaled = tmp_path / "scaled"
-    args = ["--train.batch_size", "40", "--train.epochs_at_3000_rows", "0.5", "--train.output_dir", str(scaled)]
-    assert _run([*common, *args]) == 0
+    args = ["--train.batch_size", "40", "--train.epochs_at_3000_rows", "0.5", "--train.min_epochs", "1"]
+    assert _run([*common, *args, "--train.output_dir", str(scaled)]) == 0
     assert "5 steps (4.33 epochs)" in capsys.readouterr().out  # 0.5 * sqrt(3000 / 40) = 4.33 passes
     assert max(r["step"] for r in _records(scaled, "train")) == 5
+    floored = tmp_path / "floored"
+    assert _run([*common, *args[:-2], "--train.output_dir", str(floored)]) == 0
+    assert "10 steps (10 epochs)" in capsys.readouterr().out  # 4.33 passes raised to min_epochs 10
     given = tmp_path / "given"
     assert _run([*common, "--train.batch_size", "20", "--train.epochs", "1.5", "--train.output_dir", str(given)]) == 0
     assert max(r["step"] for r in _records(given, "train")) == 3
