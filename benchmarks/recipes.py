@@ -51,7 +51,18 @@ RECIPES = {
     **{path.stem: path for path in sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml")) if path.stem != "default"},
 }
 """Recipe name -> YAML file of its options (model, train, data options; tasks to add)."""
-SCREENS = ("towers", "wide", "no_dropout", "nll_running", "epochs_v0", "epochs_v1", "film", "cross_attention")
+SCREENS = (
+    "towers",
+    "wide",
+    "no_dropout",
+    "nll_running",
+    "epochs_v0",
+    "epochs_v1",
+    "film",
+    "cross_attention",
+    "weighting_fast",
+    "task_towers",
+)
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
@@ -85,6 +96,7 @@ ADDED_SETTINGS = {
     ("train", "nll_noise_decay"): 0.0,
     ("train", "epochs_at_3000_rows"): 5.0,
     ("train", "min_epochs"): 1.0,
+    ("train", "weighting_lr"): 0.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
@@ -466,8 +478,8 @@ def markdown(summary: dict, settings: dict) -> str:
         "## Multi-task against single-task models (delta-m)",
         "",
         f"The `{single}` recipe's one model for all of a set's tasks against one model per task, each trained "
-        "under the same time limit, seed by seed; test metrics, every metric of each task learned by some model "
-        "(Maninis et al. 2019, higher is better).",
+        f"{'under the same time limit' if limit else 'with the same options'}, seed by seed; test metrics, every "
+        "metric of each task learned by some model (Maninis et al. 2019, higher is better).",
         "",
         "| set | delta-m (%) | per seed |",
         "| --- | --- | --- |",

@@ -376,6 +376,10 @@ class TrainConfig:
     """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
     d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only
     (benchmarks/results/recipes_nll_noise.md, recipes_nll_noise_clutter.md)."""
+    weighting_lr: float = 0.0
+    """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances, GradNorm's weights;
+    0: lr). Adam moves each by about its learning rate per step, so at lr a weight takes ~1 / lr steps to change
+    e-fold and lags a loss that falls faster."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""

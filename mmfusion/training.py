@@ -78,16 +78,16 @@ def layer_scales(module: torch.nn.Module, decay: float) -> dict[int, float]:
     return scales
 
 
-def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=()) -> torch.optim.AdamW:
+def build_optimizer(model: FusionModel, train: TrainConfig, weighting_parameters=()) -> torch.optim.AdamW:
     """AdamW; pretrained parts at encoder_lr (pretrained encoders' layers scaled down by `layer_decay` from the top),
-    the rest at lr; no weight decay on norms, biases and scalars. Each group records whether it is `pretrained`,
-    for the schedule."""
+    the loss weighting's parameters at weighting_lr (0: lr), the rest at lr; no weight decay on norms, biases and
+    scalars. Each group records whether it is `pretrained`, for the schedule."""
     scales: dict[int, float] = {}
     for module in pretrained_modules(model, train):
         is_encoder = module is model.image_encoder or module is model.text_encoder
         scales.update(layer_scales(module, train.layer_decay) if is_encoder else layer_scales(module, 1.0))
     groups: dict[tuple[bool, bool, float], list] = {}
-    for parameter in [*model.parameters(), *extra_parameters]:
+    for parameter in model.parameters():
         if parameter.requires_grad:
             scale = scales.get(id(parameter))
             key = (scale is not None, parameter.ndim >= 2, scale or 1.0)
@@ -101,6 +101,10 @@ def build_optimizer(model: FusionModel, train: TrainConfig, extra_parameters=())
         }
         for (is_pretrained, decays, scale), params in sorted(groups.items())
     ]
+    learned_weights = [p for p in weighting_parameters if p.requires_grad]
+    if learned_weights:
+        lr = train.weighting_lr or train.lr
+        param_groups.append({"params": learned_weights, "lr": lr, "weight_decay": 0.0, "pretrained": False})
     return torch.optim.AdamW(param_groups, fused=torch.cuda.is_available() or None)  # on CPU the default is fastest
 
 

@@ -10,8 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_batch, tiny_config
 
-from mmfusion import TaskSpec
+from mmfusion import FusionModel, TaskSpec
+from mmfusion.config import TrainConfig
+from mmfusion.training import build_optimizer
 from mmfusion.weighting import WEIGHTINGS, build_weighting
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
@@ -103,6 +106,25 @@ def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
         weighting(losses, BOTH, step=0).backward()
         optimizer.step()
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 0.05, 1 / 2.0]), rtol=0.05, atol=0.0)
+
+
+@pytest.mark.parametrize("weighting_lr,expected_step", [(0.0, 1e-3), (0.05, 0.05)])
+def test_the_learned_weights_train_at_weighting_lr_and_the_model_at_lr(weighting_lr, expected_step):
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config())
+    weighting = build_weighting("uncertainty", model.config.tasks)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, weighting_lr=weighting_lr), weighting.parameters())
+    before = [p.detach().clone() for p in (*model.parameters(), weighting.log_variance)]
+    out = model(**tiny_batch())
+    present = torch.ones(len(weighting.names), dtype=torch.bool)
+    weighting(out.task_losses, present, step=0).backward()
+    optimizer.step()  # Adam's first step moves every parameter with a gradient by about its learning rate
+    after = [p.detach() for p in (*model.parameters(), weighting.log_variance)]
+    model_step = max(float((a - b).abs().max()) for a, b in zip(after[:-1], before[:-1]))
+    assert model_step == pytest.approx(1e-3, rel=0.1)  # plus weight decay
+    torch.testing.assert_close(
+        (after[-1] - before[-1]).abs(), torch.full_like(after[-1], expected_step), rtol=1e-3, atol=0
+    )
 
 
 def test_dwa_raises_the_weight_of_the_slower_task():
