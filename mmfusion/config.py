@@ -377,9 +377,10 @@ class TrainConfig:
     d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only
     (benchmarks/results/recipes_nll_noise.md, recipes_nll_noise_clutter.md)."""
     weighting_lr: float = 0.0
-    """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances, GradNorm's weights;
-    0: lr). Adam moves each by about its learning rate per step, so at lr a weight takes ~1 / lr steps to change
-    e-fold and lags a loss that falls faster."""
+    """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
+    each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:
+    at 10x lr the weights follow the losses and the first task to fit takes the shared encoders
+    (benchmarks/results/recipes_weighting_lr.md, default_run_weighting_lr.json)."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""
