@@ -380,7 +380,7 @@ class TrainConfig:
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:
     at 10x lr the weights follow the losses and the first task to fit takes the shared encoders
-    (benchmarks/results/recipes_weighting_lr.md, default_run_weighting_lr.json)."""
+    (benchmarks/results/recipes_ten_pass_screens.md, default_run_weighting_lr.json)."""
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""
