@@ -214,8 +214,9 @@ class FusionConfig:
     """cross_attention: attention heads."""
     rank: int = 16
     """bilinear: rank of the low-rank factorisation."""
-    dropout: float = 0.1
-    """Dropout in fusion layers and heads (regression heads: `regression_dropout`)."""
+    dropout: float = 0.0
+    """Dropout in fusion layers and heads (regression heads: `regression_dropout`). Off by default: without it the
+    suite's one model for all tasks lost less against single-task models (benchmarks/results/recipes_no_dropout_suite.md)."""
     regression_dropout: float = 0.0
     """Dropout in regression heads. Off by default: dropout before a regression output makes the predictions it
     trains on noisier than those it is evaluated on (measured on the suite: benchmarks/results/recipes.md)."""

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_batch, tiny_config
 from safetensors.torch import load_file, save_file
 
-from mmfusion import FusionModel, TaskSpec
+from mmfusion import FusionConfig, FusionModel, TaskSpec
 from mmfusion.fusions import FUSIONS
 from mmfusion.losses import task_loss
 
@@ -210,6 +210,16 @@ def test_deep_supervision_heads_only_in_training_loss():
     torch.testing.assert_close(train_out.logits["topic"], eval_out.logits["topic"])  # the main head decides
     eval_out.loss.backward()
     assert all(p.grad is None for p in model.aux_heads.parameters())
+
+
+def test_the_default_model_trains_without_dropout():
+    """model.dropout defaults to 0 (chosen on the suite, benchmarks/results/recipes_no_dropout_suite.md): a default
+    fusion and its heads in training mode give the same logits for the same batch twice."""
+    model = FusionModel(tiny_config(fusion=FusionConfig.fusion, dropout=FusionConfig.dropout)).train()
+    batch = tiny_batch()
+    first, second = model(**batch).logits, model(**batch).logits
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("regression_dropout", [0.0, 0.5])

@@ -4,8 +4,10 @@ figures of its tables (normalised scores, sample std, delta-m) on hand-made run 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from recipes import (
     RECIPES,
+    RESULTS,
     SCREENS,
     Study,
     fingerprint,
@@ -77,15 +80,70 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     gradnorm = tmp_path / "gradnorm.yaml"
     gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
     # regression_dropout came with a new default (0; before it, regression heads had model.dropout 0.1): at 0.1
-    # the run trains as it did, and a set with a regression task gets a new fingerprint by default
-    as_before = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
+    # the run trains as it did, and a set with a regression task gets a new fingerprint by default. model.dropout's
+    # default later became 0, so the run pins its 0.1 too.
+    old_heads = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
+    as_before = [*old_heads, "--model.dropout", "0.1"]
     pinned = fingerprint(gradnorm, as_before)
     assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
     assert fingerprint(gradnorm, [*as_before, "--train.gradnorm_alpha", "0"]) != pinned
     assert fingerprint(gradnorm, ["--train.time_limit", "60"]) != pinned
     classes = tmp_path / "classes.yaml"
     classes.write_text(yaml.safe_dump({**merged_config(SET_YAML, {}), "tasks": SET_YAML["tasks"][:1]}))
-    assert fingerprint(classes, ["--train.time_limit", "60"]) == fingerprint(classes, as_before)  # no regression
+    assert fingerprint(classes, ["--train.time_limit", "60"]) == fingerprint(classes, old_heads)  # no regression
+
+
+RECORDED_STUDIES = {
+    "recipes_runs.jsonl": "dropout_v0",
+    "recipes_ten_passes_runs.jsonl": "dropout_v0",
+    "recipes_epochs_runs.jsonl": "epochs_v1",
+}
+"""Studies on record -> the recipe that resolves today as their `default` did (the defaults have moved since)."""
+
+
+@pytest.mark.parametrize("runs_file", RECORDED_STUDIES)
+def test_recorded_studies_keep_their_fingerprints(tmp_path, runs_file):
+    """Every compared recipe and single-task model of a recorded study resolves today to the configuration its runs
+    trained with, so `--summarise` rebuilds the study's tables: a changed default is pinned in the recipes recorded
+    before the change (e.g. model.dropout 0.1)."""
+    runs = [json.loads(line) for line in (RESULTS / runs_file).read_text().splitlines()]
+    recorded = defaultdict(set)
+    for run in runs:
+        recorded[run["set"], run["recipe"]].add(run["fingerprint"])
+    as_default = RECORDED_STUDIES[runs_file]
+    train_args = runs[0]["train_args"][4:]  # after --train.cpu_threads 0 --train.report false
+    time_limit = float(train_args[1]) if train_args[:1] == ["--train.time_limit"] else 0
+    checked = 0
+    for name in sorted({run["set"] for run in runs}):
+        config = next(run for run in runs if run["set"] == name and run["recipe"] == "default")["config"]
+        set_yaml = {
+            "data": {key: config["data"][key] for key in ("path", "text_column")},
+            "model": {"image_size": config["model"]["image_size"]},
+            "tasks": config["tasks"],
+        }
+        labels = {run["recipe"] for run in runs if run["set"] == name}
+        compared = [r for r in RECIPES if r in labels and r not in SCREENS and r != "default"]
+        options = {
+            "seeds": [0],
+            "threads": 0,
+            "time_limit": time_limit,
+            "train_args": "" if time_limit else " ".join(train_args),
+        }
+        study = Study(
+            argparse.Namespace(
+                **options,
+                only_recipes=[as_default, *compared, "single"],
+                single_recipe=as_default,
+                work=tmp_path / name,
+                runs=tmp_path / "none",
+            )
+        )
+        for plan in study.plan(name, set_yaml):
+            label = "default" if plan["recipe"] == as_default else plan["recipe"]
+            if (name, label) in recorded:
+                assert plan["fingerprint"] in recorded[name, label], (runs_file, name, plan["recipe"])
+                checked += 1
+    assert checked >= len({run["set"] for run in runs})
 
 
 def _plan(recipe, seed, name="clutter", key="k"):
@@ -200,7 +258,7 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
 
 def test_single_task_models_follow_the_single_recipe_and_sum_their_loss(tmp_path):
     plans = {}
-    for recipe in ("default", "no_dropout"):
+    for recipe in ("default", "dropout_v0"):
         options = {"only_recipes": ["single"], "seeds": [0], "threads": 0, "time_limit": 60, "train_args": ""}
         study = Study(
             argparse.Namespace(**options, work=tmp_path / recipe, runs=tmp_path / "none", single_recipe=recipe)
@@ -210,5 +268,5 @@ def test_single_task_models_follow_the_single_recipe_and_sum_their_loss(tmp_path
         assert [p["recipe"] for p in plan] == ["single: shape", "single: count"]
         configs = [yaml.safe_load(p["config_file"].read_text()) for p in plan]
         assert [c["train"]["loss_weighting"] for c in configs] == ["sum", "sum"]
-        assert [c["model"].get("dropout") for c in configs] == ([None, None] if recipe == "default" else [0.0, 0.0])
-    assert plans["default"][0]["fingerprint"] != plans["no_dropout"][0]["fingerprint"]
+        assert [c["model"].get("dropout") for c in configs] == ([None, None] if recipe == "default" else [0.1, 0.1])
+    assert plans["default"][0]["fingerprint"] != plans["dropout_v0"][0]["fingerprint"]
