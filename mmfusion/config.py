@@ -215,8 +215,8 @@ class FusionConfig:
     rank: int = 16
     """bilinear: rank of the low-rank factorisation."""
     dropout: float = 0.0
-    """Dropout in fusion layers and heads (regression heads: `regression_dropout`). Off by default: without it the
-    suite's one model for all tasks lost less against single-task models (benchmarks/results/recipes_no_dropout_suite.md)."""
+    """Dropout in fusion layers and heads (regression heads: `regression_dropout`). Off by default: the suite's models
+    scored higher without it (benchmarks/results/recipes_no_dropout_suite.md; 0.1 before)."""
     regression_dropout: float = 0.0
     """Dropout in regression heads. Off by default: dropout before a regression output makes the predictions it
     trains on noisier than those it is evaluated on (measured on the suite: benchmarks/results/recipes.md)."""
