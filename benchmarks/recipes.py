@@ -400,6 +400,37 @@ def cell(value: dict | None, digits: int = 3) -> str:
     return f"{value['mean']:.{digits}f}{std}"
 
 
+def behind_best(summary: dict, recipe: str, points: float = 2.0) -> list[str]:
+    """Markdown lines: the scored tasks on which `recipe` is more than `points` below the best recipe's mean."""
+    behind, scored = [], 0
+    for name, part in summary["sets"].items():
+        gaps = part["rows"].get(recipe, {}).get("gap_points", {})
+        scored += len(gaps)
+        for task, gap in gaps.items():
+            if gap > points:
+                best = max((r for r in part["rows"] if not r.startswith("single")), key=lambda r: _mean(part, r, task))
+                behind.append(
+                    f"| {name} | {task} | {part['rows'][recipe][task]['mean']:.3f} | {part['best'][task]:.3f} "
+                    f"| {best} | {gap:.1f} |"
+                )
+    if not scored:
+        return []
+    lines = [
+        "",
+        f"## Within {points:g} points of the best recipe",
+        "",
+        f"Scored tasks on which `{recipe}` is more than {points:g} points below the best recipe's mean: "
+        f"{len(behind)} of {scored}.",
+    ]
+    if behind:
+        lines += ["", f"| set | task | {recipe} | best | best recipe | points behind |", "|" + " --- |" * 6, *behind]
+    return lines
+
+
+def _mean(part: dict, recipe: str, task: str) -> float:
+    return part["rows"][recipe].get(task, {}).get("mean", float("-inf"))
+
+
 def markdown(summary: dict, settings: dict) -> str:
     limit, single = settings["time_limit"], settings["single_recipe"]
     options = " ".join(settings["train_args"])
@@ -444,6 +475,7 @@ def markdown(summary: dict, settings: dict) -> str:
             f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {ratio} | {values['time_to_best_s']:.0f} "
             f"| {values['wall_s']:.0f} | {values['steps']:.0f} |"
         )
+    lines += behind_best(summary, single)
     for name, part in summary["sets"].items():
         tasks = part["tasks"]
         lines += ["", f"## {name}", ""]

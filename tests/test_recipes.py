@@ -23,6 +23,7 @@ from recipes import (
     RESULTS,
     SCREENS,
     Study,
+    behind_best,
     fingerprint,
     interleaved,
     merged_config,
@@ -221,6 +222,17 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
         "count": 0.0,
     }
     assert default["time_to_best_s"] == 15.0
+    # the bar: which scored tasks a recipe misses the best recipe on by more than 2 points
+    assert behind_best(summary, "default")[3:] == [
+        "Scored tasks on which `default` is more than 2 points below the best recipe's mean: 1 of 2.",
+        "",
+        "| set | task | default | best | best recipe | points behind |",
+        "| --- | --- | --- | --- | --- | --- |",
+        "| clutter | count | 0.600 | 0.700 | seed | 10.0 |",
+    ]
+    assert behind_best(summary, "default", points=10.0)[3:] == [
+        "Scored tasks on which `default` is more than 10 points below the best recipe's mean: 0 of 2."
+    ]
     assert summary["recipes"]["default"]["default_ratio"] == 1.0
     assert summary["recipes"]["seed"]["default_ratio"] == pytest.approx(default["normalised"] / seed["normalised"])
     assert summary["complete_sets"] == ["clutter"]
