@@ -62,9 +62,15 @@ SCREENS = (
     "cross_attention",
     "weighting_fast",
     "task_towers",
+    "concat",
+    "wide_fused",
+    "towers_no_dropout",
+    "encoder_wide",
+    "uncertainty_outcomes",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
-recipes_fusion_screen.md, recipes_ten_pass_screens.md): run when named in --only-recipes, not by default."""
+recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md): run when named in
+--only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -97,26 +103,33 @@ ADDED_SETTINGS = {
     ("train", "epochs_at_3000_rows"): 5.0,
     ("train", "min_epochs"): 1.0,
     ("train", "weighting_lr"): 0.0,
+    ("train", "uncertainty_start"): "one",
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
-READ_BY = {("model", "regression_dropout"): "regression"}
+READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty_start"): "multilabel"}
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
+READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty"}
+"""Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
 
 
 def fingerprint(config_file: Path, extra: list[str]) -> str:
-    """A hash of the configuration train.py resolves (defaults included), without the seed and the output path:
-    a run recorded under another fingerprint was trained differently and is not reused."""
+    """A hash of the configuration train.py resolves (defaults included), without the seed, the output path and,
+    without a time limit, the number of threads: a run recorded under another fingerprint was trained differently
+    and is not reused."""
     resolved = parse_args(["--config", str(config_file), *extra], prog="recipes.py").to_dict()
     for key in ("output_dir", "seed"):
         resolved["train"].pop(key)
     types = {task["type"] for task in resolved["tasks"]}
     train = resolved["train"]
+    if not train["time_limit"]:  # then the number of threads changes how fast a run trains, not what it learns
+        train["cpu_threads"] = 0
     if train["epochs"] or train["max_steps"] or train["time_limit"]:  # the rule of epochs 0 is not read
         train.pop("epochs_at_3000_rows")
         train.pop("min_epochs")
     for (section, key), value in ADDED_SETTINGS.items():
         unread = (section, key) in READ_BY and READ_BY[section, key] not in types
+        unread |= READ_BY_WEIGHTING.get((section, key), train["loss_weighting"]) != train["loss_weighting"]
         if resolved[section].get(key) == value or unread:
             resolved[section].pop(key)
     resolved.pop("config")

@@ -377,6 +377,11 @@ class TrainConfig:
     """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
     d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only
     (benchmarks/results/recipes_nll_noise.md, recipes_nll_noise_clutter.md)."""
+    uncertainty_start: Literal["one", "outcomes"] = "one"
+    """uncertainty: where each learned weight starts: at 1 for every task (one), or at the task's number of outcomes
+    (outcomes: a multilabel task's number of labels, 1 for the others). On the suite at ten passes, seed 0,
+    outcomes raised scenes' fills mAP from 0.804 to 0.925 but lowered its pair recall@1 from 0.100 to 0.069
+    (benchmarks/results/recipes_outcomes_screen.md), so it is not the default."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:

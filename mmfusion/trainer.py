@@ -85,7 +85,9 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     if init:
         log(load_compatible(model, init))
     collate = use_feature_cache(model, prepared, config, accelerator)
-    weighting = build_weighting(cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha, cfg.nll_noise_decay)
+    weighting = build_weighting(
+        cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha, cfg.nll_noise_decay, cfg.uncertainty_start
+    )
     if accelerator.distributed_type == DistributedType.FSDP:
         model.use_channels_last(False)  # FSDP shards contiguous parameters only
         keep_batch_norm_in_float32(model, accelerator)

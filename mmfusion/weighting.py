@@ -125,11 +125,17 @@ class LikelihoodWeighting(LossWeighting):
 
 class UncertaintyWeighting(LossWeighting):
     """Learned homoscedastic uncertainty (Kendall et al. 2018): sum of exp(-s_t) L_t + s_t, s_t = log sigma_t^2.
-    At the optimum exp(-s_t) = 1 / L_t, so a noisier task gets a smaller weight."""
+    At the optimum exp(-s_t) = 1 / L_t, so a noisier task gets a smaller weight.
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0) -> None:
+    `start` "outcomes" starts each weight at the task's number of outcomes, as nll counts them: a multilabel loss,
+    the mean over its K binary labels, starts at weight K, every other task at 1 ("one": all at 1). The weights
+    move by about the learning rate per step, so on a small set the start is most of what a weight ever is."""
+
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one") -> None:
         super().__init__(tasks, seed)
-        self.log_variance = nn.Parameter(torch.zeros(len(tasks)))
+        counted = start == "outcomes"
+        outcomes = [float(t.num_labels) if counted and t.type == "multilabel" else 1.0 for t in tasks]
+        self.log_variance = nn.Parameter(-torch.log(torch.tensor(outcomes)))
 
     def task_weights(self, losses, present, step):
         return self.static * torch.exp(-self.log_variance)
@@ -357,7 +363,12 @@ WEIGHTINGS = {
 
 
 def build_weighting(
-    name: str, tasks: list[TaskSpec], seed: int = 0, gradnorm_alpha: float = 1.5, nll_noise_decay: float = 0.0
+    name: str,
+    tasks: list[TaskSpec],
+    seed: int = 0,
+    gradnorm_alpha: float = 1.5,
+    nll_noise_decay: float = 0.0,
+    uncertainty_start: str = "one",
 ) -> LossWeighting:
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
@@ -365,6 +376,8 @@ def build_weighting(
         return GradNormWeighting(tasks, seed, alpha=gradnorm_alpha)
     if name == "nll":
         return LikelihoodWeighting(tasks, seed, noise_decay=nll_noise_decay)
+    if name == "uncertainty":
+        return UncertaintyWeighting(tasks, seed, start=uncertainty_start)
     return WEIGHTINGS[name](tasks, seed)
 
 

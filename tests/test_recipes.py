@@ -72,6 +72,10 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     base = fingerprint(files["a"], ["--train.time_limit", "60"])
     assert fingerprint(files["a"], ["--train.time_limit", "60", "--train.seed", "3", "--train.output_dir", "x"]) == base
     assert fingerprint(files["a"], ["--train.time_limit", "90"]) != base
+    # under a time limit the number of threads decides how far a run gets; without one, only how fast
+    assert fingerprint(files["a"], ["--train.time_limit", "60", "--train.cpu_threads", "1"]) != base
+    passes = ["--train.time_limit", "0", "--train.epochs", "10"]
+    assert fingerprint(files["a"], [*passes, "--train.cpu_threads", "1"]) == fingerprint(files["a"], passes)
     # the defaults are part of the fingerprint: a recipe that spells out a default resolves the same
     assert fingerprint(files["b"], ["--train.time_limit", "60"]) == base
     assert fingerprint(files["c"], ["--train.time_limit", "60"]) != base
@@ -92,14 +96,26 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     classes = tmp_path / "classes.yaml"
     classes.write_text(yaml.safe_dump({**merged_config(SET_YAML, {}), "tasks": SET_YAML["tasks"][:1]}))
     assert fingerprint(classes, ["--train.time_limit", "60"]) == fingerprint(classes, old_heads)  # no regression
+    # uncertainty_start only changes how uncertainty weighs a multilabel task: other runs keep their fingerprints
+    labelled = tmp_path / "labelled.yaml"
+    multilabel = {"name": "colors", "type": "multilabel"}
+    labelled.write_text(yaml.safe_dump({**merged_config(SET_YAML, {}), "tasks": [*SET_YAML["tasks"], multilabel]}))
+    outcomes = ["--train.time_limit", "60", "--train.uncertainty_start", "outcomes"]
+    assert fingerprint(labelled, outcomes) != fingerprint(labelled, ["--train.time_limit", "60"])
+    assert fingerprint(files["a"], outcomes) == base  # no multilabel task
+    other = ["--train.loss_weighting", "gradnorm", "--train.time_limit", "60"]
+    assert fingerprint(labelled, [*other, "--train.uncertainty_start", "outcomes"]) == fingerprint(labelled, other)
 
 
 RECORDED_STUDIES = {
-    "recipes_runs.jsonl": "dropout_v0",
-    "recipes_ten_passes_runs.jsonl": "dropout_v0",
-    "recipes_epochs_runs.jsonl": "epochs_v1",
+    "recipes_runs.jsonl": ("dropout_v0", "dropout_v0"),
+    "recipes_ten_passes_runs.jsonl": ("dropout_v0", "dropout_v0"),
+    "recipes_epochs_runs.jsonl": ("epochs_v1", "epochs_v1"),
+    "recipes_ten_pass_screens_runs.jsonl": ("dropout_v0", "no_dropout"),
 }
-"""Studies on record -> the recipe that resolves today as their `default` did (the defaults have moved since)."""
+"""Studies on record -> the recipes that resolve today as their `default` did (the defaults have moved since) and as
+the recipe of their single-task models (all of them for the last: its screens compare against single-task models
+without dropout)."""
 
 
 @pytest.mark.parametrize("runs_file", RECORDED_STUDIES)
@@ -111,7 +127,7 @@ def test_recorded_studies_keep_their_fingerprints(tmp_path, runs_file):
     recorded = defaultdict(set)
     for run in runs:
         recorded[run["set"], run["recipe"]].add(run["fingerprint"])
-    as_default = RECORDED_STUDIES[runs_file]
+    as_default, single_recipe = RECORDED_STUDIES[runs_file]
     train_args = runs[0]["train_args"][4:]  # after --train.cpu_threads 0 --train.report false
     time_limit = float(train_args[1]) if train_args[:1] == ["--train.time_limit"] else 0
     checked = 0
@@ -134,7 +150,7 @@ def test_recorded_studies_keep_their_fingerprints(tmp_path, runs_file):
             argparse.Namespace(
                 **options,
                 only_recipes=[as_default, *compared, "single"],
-                single_recipe=as_default,
+                single_recipe=single_recipe,
                 work=tmp_path / name,
                 runs=tmp_path / "none",
             )

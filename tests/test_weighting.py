@@ -108,6 +108,24 @@ def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 0.05, 1 / 2.0]), rtol=0.05, atol=0.0)
 
 
+def test_uncertainty_can_start_each_weight_at_its_tasks_number_of_outcomes():
+    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
+    losses = {"c": torch.tensor(2.0), "m": torch.tensor(0.5), "r": torch.tensor(0.2)}
+    present = torch.tensor([True, True, True])
+    weighting = build_weighting("uncertainty", tasks, uncertainty_start="outcomes")
+    weighting(losses, present, step=0)
+    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 1.0]))  # the mean of 4 labels counts 4
+    default = build_weighting("uncertainty", tasks)
+    default(losses, present, step=0)
+    torch.testing.assert_close(default.weights, torch.tensor([1.0, 1.0, 1.0]))
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(500):  # the start changes where the weights begin, not where they go
+        optimizer.zero_grad()
+        weighting(losses, present, step=0).backward()
+        optimizer.step()
+    torch.testing.assert_close(weighting.weights, torch.tensor([1 / 2.0, 1 / 0.5, 1 / 0.2]), rtol=0.05, atol=0.0)
+
+
 @pytest.mark.parametrize("weighting_lr,expected_step", [(0.0, 1e-3), (0.05, 0.05)])
 def test_the_learned_weights_train_at_weighting_lr_and_the_model_at_lr(weighting_lr, expected_step):
     torch.manual_seed(0)
