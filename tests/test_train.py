@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import make_imagefolder, make_rows
 from PIL import Image
 from safetensors.torch import load_file
@@ -368,6 +369,28 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
         assert set(record["weights"]) == {"label", "score", "tags"}
         assert all(w >= 0 and w == w for w in record["weights"].values())  # finite, no NaN
         assert all(v == v for v in record["losses"].values())
+
+
+def test_uncertainty_start_outcomes_starts_a_multilabel_weight_at_its_number_of_labels(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "--data.path",
+        str(tiny_data),
+        *TINY,
+        "--train.max_steps",
+        "1",
+        "--train.log_every",
+        "1",
+        "--train.uncertainty_start",
+        "outcomes",
+        "--train.output_dir",
+        str(out),
+    ]
+    assert _run(args) == 0
+    labels = {t["name"]: t.get("num_labels") for t in yaml.safe_load((out / "config.yaml").read_text())["tasks"]}
+    weights = _records(out, "train")[0]["weights"]  # the first step's, before the weights learn anything
+    assert labels["tags"] > 1
+    assert weights == pytest.approx({"label": 1.0, "score": 1.0, "tags": float(labels["tags"])})
 
 
 def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):
