@@ -129,7 +129,8 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
         train.pop("min_epochs")
     for (section, key), value in ADDED_SETTINGS.items():
         unread = (section, key) in READ_BY and READ_BY[section, key] not in types
-        unread |= READ_BY_WEIGHTING.get((section, key), train["loss_weighting"]) != train["loss_weighting"]
+        reader = READ_BY_WEIGHTING.get((section, key))
+        unread |= reader is not None and reader != train["loss_weighting"]
         if resolved[section].get(key) == value or unread:
             resolved[section].pop(key)
     resolved.pop("config")

@@ -78,6 +78,11 @@ class LossWeighting(nn.Module):
             )
 
 
+def outcome_counts(tasks: list[TaskSpec]) -> list[float]:
+    """How many outcomes each task's loss stands for: K for a multilabel loss (the mean over its K labels), else 1."""
+    return [float(t.num_labels) if t.type == "multilabel" else 1.0 for t in tasks]
+
+
 LIKELIHOOD_FACTORS = {"mse": 0.5, "huber": 0.5, "l1": 1.0}
 """A regression loss L -> the factor c of its profile negative log-likelihood c log L (Gaussian for mse and huber,
 Laplace for l1) once the noise scale is set to its maximum-likelihood value; other losses (silog) keep weight 1."""
@@ -100,7 +105,7 @@ class LikelihoodWeighting(LossWeighting):
         super().__init__(tasks, seed)
         regression = ("regression", "dense_regression")
         self.factors = [LIKELIHOOD_FACTORS.get(t.loss, 0.0) if t.type in regression else 0.0 for t in tasks]
-        self.outcomes = [float(t.num_labels) if t.type == "multilabel" else 1.0 for t in tasks]
+        self.outcomes = outcome_counts(tasks)
         self.noise_decay = noise_decay
         if noise_decay:  # state only then, so checkpoints of the per-batch form stay loadable as they were
             self.register_buffer("noise", torch.zeros(len(tasks)))  # 0: no loss seen yet
@@ -133,8 +138,7 @@ class UncertaintyWeighting(LossWeighting):
 
     def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one") -> None:
         super().__init__(tasks, seed)
-        counted = start == "outcomes"
-        outcomes = [float(t.num_labels) if counted and t.type == "multilabel" else 1.0 for t in tasks]
+        outcomes = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
         self.log_variance = nn.Parameter(-torch.log(torch.tensor(outcomes)))
 
     def task_weights(self, losses, present, step):
