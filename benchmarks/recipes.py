@@ -431,7 +431,7 @@ def behind_best(summary: dict, recipe: str, points: float = 2.0) -> list[str]:
         return []
     lines = [
         "",
-        f"## Within {points:g} points of the best recipe",
+        f"## Within {points:g} points of the best recipe: {recipe}",
         "",
         f"Scored tasks on which `{recipe}` is more than {points:g} points below the best recipe's mean: "
         f"{len(behind)} of {scored}.",
@@ -489,7 +489,8 @@ def markdown(summary: dict, settings: dict) -> str:
             f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {ratio} | {values['time_to_best_s']:.0f} "
             f"| {values['wall_s']:.0f} | {values['steps']:.0f} |"
         )
-    lines += behind_best(summary, single)
+    for recipe in dict.fromkeys(["default", single]):  # the default's bar, and the single-task recipe's
+        lines += behind_best(summary, recipe)
     for name, part in summary["sets"].items():
         tasks = part["tasks"]
         lines += ["", f"## {name}", ""]

@@ -26,6 +26,7 @@ from recipes import (
     behind_best,
     fingerprint,
     interleaved,
+    markdown,
     merged_config,
     run_key,
     same_configuration,
@@ -271,8 +272,15 @@ def test_summary_normalises_by_the_best_recipe_leaves_out_near_zero_tasks_and_co
     assert summary["recipes"]["seed"]["delta_m"] == pytest.approx(statistics.fmean(seed_expected))
     assert summary["delta_m_complete_sets"] == ["clutter"]
     # with the single-task models of another recipe, the headline delta-m is that recipe's
-    of_seed = summarise(runs, {"clutter": tasks}, [0, 1], ["default", "seed"], single="seed")["sets"]["clutter"]
+    summary_of_seed = summarise(runs, {"clutter": tasks}, [0, 1], ["default", "seed"], single="seed")
+    of_seed = summary_of_seed["sets"]["clutter"]
     assert of_seed["delta_m"] == part["delta_m_by_recipe"]["seed"]
+    # the page then states the bar for the default and for that recipe
+    settings = {"time_limit": 180, "single_recipe": "seed", "train_args": [], "command": "recipes.py", "threads": 0}
+    settings |= {"jobs": 1, "seeds": [0, 1], "load": "1.0", "finished": "8 of 8", "same_configuration": {}}
+    page = markdown(summary_of_seed, settings).splitlines()
+    headers = [line for line in page if line.startswith("## Within")]
+    assert headers == ["## Within 2 points of the best recipe: default", "## Within 2 points of the best recipe: seed"]
     # a task no recipe learns but its single-task model does counts in delta-m (and stays out of normalised)
     learned_alone = [*runs, *(_run("single: pair", seed, 0.0, 0.0, 0.3) for seed in (0, 1))]
     with_pair = summarise(learned_alone, {"clutter": tasks}, [0, 1], ["default", "seed"])["sets"]["clutter"]
