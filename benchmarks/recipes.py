@@ -67,10 +67,16 @@ SCREENS = (
     "towers_no_dropout",
     "encoder_wide",
     "uncertainty_outcomes",
+    "no_clip",
+    "clip_10",
+    "nll_no_dropout",
+    "gradnorm_alpha0_no_dropout",
+    "uncertainty_cap4",
+    "uncertainty_cap16",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
-recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md): run when named in
---only-recipes, not by default."""
+recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md): run
+when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -104,12 +110,13 @@ ADDED_SETTINGS = {
     ("train", "min_epochs"): 1.0,
     ("train", "weighting_lr"): 0.0,
     ("train", "uncertainty_start"): "one",
+    ("train", "uncertainty_max_weight"): 0.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
 READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty_start"): "multilabel"}
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
-READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty"}
+READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty", ("train", "uncertainty_max_weight"): "uncertainty"}
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
 
 

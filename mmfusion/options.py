@@ -114,6 +114,14 @@ def check_values(config: Config) -> list[str]:
             f"--train.nll_noise_decay applies to --train.loss_weighting nll, not {train.loss_weighting}",
         ),
         (
+            train.uncertainty_max_weight >= 0,
+            f"--train.uncertainty_max_weight must be >= 0 (0: no bound), got {train.uncertainty_max_weight}",
+        ),
+        (
+            not train.uncertainty_max_weight or train.loss_weighting == "uncertainty",
+            f"--train.uncertainty_max_weight applies to --train.loss_weighting uncertainty, not {train.loss_weighting}",
+        ),
+        (
             train.freeze_encoders_steps >= 0,
             f"--train.freeze_encoders_steps must be >= 0, got {train.freeze_encoders_steps}",
         ),

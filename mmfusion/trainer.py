@@ -86,7 +86,13 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
         log(load_compatible(model, init))
     collate = use_feature_cache(model, prepared, config, accelerator)
     weighting = build_weighting(
-        cfg.loss_weighting, config.tasks, cfg.seed, cfg.gradnorm_alpha, cfg.nll_noise_decay, cfg.uncertainty_start
+        cfg.loss_weighting,
+        config.tasks,
+        cfg.seed,
+        gradnorm_alpha=cfg.gradnorm_alpha,
+        nll_noise_decay=cfg.nll_noise_decay,
+        uncertainty_start=cfg.uncertainty_start,
+        uncertainty_max_weight=cfg.uncertainty_max_weight,
     )
     if accelerator.distributed_type == DistributedType.FSDP:
         model.use_channels_last(False)  # FSDP shards contiguous parameters only

@@ -7,6 +7,7 @@ fp16 loss scaling.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -136,16 +137,23 @@ class UncertaintyWeighting(LossWeighting):
     the mean over its K binary labels, starts at weight K, every other task at 1 ("one": all at 1). The weights
     move by about the learning rate per step, so on a small set the start is most of what a weight ever is."""
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one") -> None:
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one", max_weight: float = 0.0) -> None:
         super().__init__(tasks, seed)
         outcomes = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
         self.log_variance = nn.Parameter(-torch.log(torch.tensor(outcomes)))
+        bounded = [max_weight > 0 and t.type in ("classification", "multilabel") for t in tasks]
+        floor = -math.log(max_weight) if max_weight > 0 else -math.inf
+        self.register_buffer("floor", torch.tensor([floor if b else -math.inf for b in bounded]), persistent=False)
+
+    def bounded_log_variance(self) -> torch.Tensor:
+        """The log-variances, each at least -log(max_weight) where bounded (no gradient below it: it stays put)."""
+        return torch.maximum(self.log_variance, self.floor)
 
     def task_weights(self, losses, present, step):
-        return self.static * torch.exp(-self.log_variance)
+        return self.static * torch.exp(-self.bounded_log_variance())
 
     def regulariser(self, present):
-        return (self.log_variance * present).sum()
+        return (self.bounded_log_variance() * present).sum()
 
 
 class DynamicWeightAverage(LossWeighting):
@@ -373,6 +381,7 @@ def build_weighting(
     gradnorm_alpha: float = 1.5,
     nll_noise_decay: float = 0.0,
     uncertainty_start: str = "one",
+    uncertainty_max_weight: float = 0.0,
 ) -> LossWeighting:
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
@@ -381,7 +390,7 @@ def build_weighting(
     if name == "nll":
         return LikelihoodWeighting(tasks, seed, noise_decay=nll_noise_decay)
     if name == "uncertainty":
-        return UncertaintyWeighting(tasks, seed, start=uncertainty_start)
+        return UncertaintyWeighting(tasks, seed, start=uncertainty_start, max_weight=uncertainty_max_weight)
     return WEIGHTINGS[name](tasks, seed)
 
 

@@ -184,6 +184,14 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             ["--train.nll_noise_decay", "0.9"],
             "--train.nll_noise_decay applies to --train.loss_weighting nll, not uncertainty",
         ),
+        (
+            ["--train.uncertainty_max_weight", "-1"],
+            "--train.uncertainty_max_weight must be >= 0 (0: no bound), got -1.0",
+        ),
+        (
+            ["--train.loss_weighting", "nll", "--train.uncertainty_max_weight", "4"],
+            "--train.uncertainty_max_weight applies to --train.loss_weighting uncertainty, not nll",
+        ),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
@@ -371,7 +379,7 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
         assert all(v == v for v in record["losses"].values())
 
 
-def test_uncertainty_start_outcomes_starts_a_multilabel_weight_at_its_number_of_labels(tiny_data, tmp_path):
+def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = [
         "--data.path",
@@ -391,6 +399,11 @@ def test_uncertainty_start_outcomes_starts_a_multilabel_weight_at_its_number_of_
     weights = _records(out, "train")[0]["weights"]  # the first step's, before the weights learn anything
     assert labels["tags"] > 1
     assert weights == pytest.approx({"label": 1.0, "score": 1.0, "tags": float(labels["tags"])})
+    # a bound below the multilabel task's start holds it there
+    bounded = tmp_path / "bounded"
+    args[-1] = str(bounded)
+    assert _run([*args, "--train.uncertainty_max_weight", "1.5"]) == 0
+    assert _records(bounded, "train")[0]["weights"] == pytest.approx({"label": 1.0, "score": 1.0, "tags": 1.5})
 
 
 def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):

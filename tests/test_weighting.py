@@ -126,6 +126,25 @@ def test_uncertainty_can_start_each_weight_at_its_tasks_number_of_outcomes():
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 2.0, 1 / 0.5, 1 / 0.2]), rtol=0.05, atol=0.0)
 
 
+def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regressions_free():
+    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
+    losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.5), "r": torch.tensor(0.01)}  # c fitted; m not yet
+    present = torch.tensor([True, True, True])
+    weighting = build_weighting("uncertainty", tasks, uncertainty_max_weight=4.0)
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        weighting(losses, present, step=0).backward()
+        optimizer.step()
+    torch.testing.assert_close(weighting.weights, torch.tensor([4.0, 1 / 0.5, 1 / 0.01]), rtol=0.05, atol=0.0)
+    stuck = weighting.log_variance.detach().clone()  # at the bound the weight gets no gradient: it stays put
+    optimizer.zero_grad()
+    weighting(losses, present, step=0).backward()
+    assert weighting.log_variance.grad[0] == 0.0 and weighting.log_variance.grad[2] != 0.0
+    optimizer.step()
+    assert weighting.log_variance[0] == stuck[0]
+
+
 @pytest.mark.parametrize("weighting_lr,expected_step", [(0.0, 1e-3), (0.05, 0.05)])
 def test_the_learned_weights_train_at_weighting_lr_and_the_model_at_lr(weighting_lr, expected_step):
     torch.manual_seed(0)
