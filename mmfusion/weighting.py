@@ -135,18 +135,21 @@ class UncertaintyWeighting(LossWeighting):
 
     `start` "outcomes" starts each weight at the task's number of outcomes, as nll counts them: a multilabel loss,
     the mean over its K binary labels, starts at weight K, every other task at 1 ("one": all at 1). The weights
-    move by about the learning rate per step, so on a small set the start is most of what a weight ever is."""
+    move by about the learning rate per step, so on a small set the start is most of what a weight ever is.
+
+    `max_weight` W > 0 keeps each classification's and multilabel task's weight at most W (s_t >= -log W): a
+    cross-entropy falling towards zero would otherwise raise its weight without end. Regressions stay unbounded."""
 
     def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one", max_weight: float = 0.0) -> None:
         super().__init__(tasks, seed)
         outcomes = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
         self.log_variance = nn.Parameter(-torch.log(torch.tensor(outcomes)))
-        bounded = [max_weight > 0 and t.type in ("classification", "multilabel") for t in tasks]
-        floor = -math.log(max_weight) if max_weight > 0 else -math.inf
-        self.register_buffer("floor", torch.tensor([floor if b else -math.inf for b in bounded]), persistent=False)
+        bound = -math.log(max_weight) if max_weight > 0 else -math.inf
+        floors = [bound if t.type in ("classification", "multilabel") else -math.inf for t in tasks]
+        self.register_buffer("floor", torch.tensor(floors), persistent=False)
 
     def bounded_log_variance(self) -> torch.Tensor:
-        """The log-variances, each at least -log(max_weight) where bounded (no gradient below it: it stays put)."""
+        """The log-variances, each at least its floor (no gradient below it, so a bounded one stays put)."""
         return torch.maximum(self.log_variance, self.floor)
 
     def task_weights(self, losses, present, step):
