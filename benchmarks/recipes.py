@@ -73,6 +73,7 @@ SCREENS = (
     "gradnorm_alpha0_no_dropout",
     "uncertainty_cap4",
     "uncertainty_cap16",
+    "uncertainty_cap1",
     "cnn_small",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
