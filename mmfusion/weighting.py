@@ -137,15 +137,19 @@ class UncertaintyWeighting(LossWeighting):
     the mean over its K binary labels, starts at weight K, every other task at 1 ("one": all at 1). The weights
     move by about the learning rate per step, so on a small set the start is most of what a weight ever is.
 
-    `max_weight` W > 0 keeps each classification's and multilabel task's weight at most W (s_t >= -log W): a
-    cross-entropy falling towards zero would otherwise raise its weight without end. Regressions stay unbounded."""
+    `max_weight` W > 0 keeps each classification's and multilabel task's weight at most W times its start
+    (s_t >= -log(W w_t0)): a cross-entropy falling towards zero would otherwise raise its weight without end, taking
+    the shared encoders from the tasks still being fitted. Regressions stay unbounded."""
 
     def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one", max_weight: float = 0.0) -> None:
         super().__init__(tasks, seed)
-        outcomes = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
-        self.log_variance = nn.Parameter(-torch.log(torch.tensor(outcomes)))
-        bound = -math.log(max_weight) if max_weight > 0 else -math.inf
-        floors = [bound if t.type in ("classification", "multilabel") else -math.inf for t in tasks]
+        starts = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
+        self.log_variance = nn.Parameter(-torch.log(torch.tensor(starts)))
+        bounded = max_weight > 0
+        floors = [
+            -math.log(max_weight * weight) if bounded and t.type in ("classification", "multilabel") else -math.inf
+            for t, weight in zip(tasks, starts)
+        ]
         self.register_buffer("floor", torch.tensor(floors), persistent=False)
 
     def bounded_log_variance(self) -> torch.Tensor:

@@ -399,11 +399,12 @@ def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_pat
     weights = _records(out, "train")[0]["weights"]  # the first step's, before the weights learn anything
     assert labels["tags"] > 1
     assert weights == pytest.approx({"label": 1.0, "score": 1.0, "tags": float(labels["tags"])})
-    # a bound below the multilabel task's start holds it there
+    # a bound of half the start holds the classification and multilabel weights at half theirs; a regression is free
     bounded = tmp_path / "bounded"
     args[-1] = str(bounded)
-    assert _run([*args, "--train.uncertainty_max_weight", "1.5"]) == 0
-    assert _records(bounded, "train")[0]["weights"] == pytest.approx({"label": 1.0, "score": 1.0, "tags": 1.5})
+    assert _run([*args, "--train.uncertainty_max_weight", "0.5"]) == 0
+    expected = {"label": 0.5, "score": 1.0, "tags": labels["tags"] / 2}
+    assert _records(bounded, "train")[0]["weights"] == pytest.approx(expected)
 
 
 def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):

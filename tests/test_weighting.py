@@ -145,6 +145,21 @@ def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regress
     assert weighting.log_variance[0] == stuck[0]
 
 
+def test_uncertainty_max_weight_is_a_multiple_of_each_start():
+    """Under `uncertainty_start outcomes` a multilabel task starts at its number of labels: its bound is that many
+    times the bound of a classification, so a bound of 1 lets every weight fall from its start and none rise."""
+    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
+    losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.01), "r": torch.tensor(0.01)}  # all fitted: weights rise
+    present = torch.tensor([True, True, True])
+    weighting = build_weighting("uncertainty", tasks, uncertainty_start="outcomes", uncertainty_max_weight=1.0)
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        weighting(losses, present, step=0).backward()
+        optimizer.step()
+    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 1 / 0.01]), rtol=0.05, atol=0.0)
+
+
 @pytest.mark.parametrize("weighting_lr,expected_step", [(0.0, 1e-3), (0.05, 0.05)])
 def test_the_learned_weights_train_at_weighting_lr_and_the_model_at_lr(weighting_lr, expected_step):
     torch.manual_seed(0)
