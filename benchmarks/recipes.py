@@ -75,6 +75,7 @@ SCREENS = (
     "uncertainty_cap16",
     "uncertainty_cap1",
     "uncertainty_cap05",
+    "uncertainty_cap1_outcomes",
     "cnn_small",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
