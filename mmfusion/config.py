@@ -384,11 +384,11 @@ class TrainConfig:
     (benchmarks/results/recipes_outcomes_screen.md), so it is not the default."""
     uncertainty_max_weight: float = 0.0
     """uncertainty: the largest weight a classification or multilabel task's learned weight may reach, as a multiple
-    of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the shared encoders that
-    weight is taken from the tasks still being fitted, such as a regression. At 4, on the suite at ten passes,
-    textures' delta-m rose from -26.5 to -16.9 % and glyphs' fell from -20.3 to -30.0 % (two seeds), and the mean
-    over six sets was -9.8 % against -8.3 % (seed 0; benchmarks/results/recipes_weighting_screen*.md), so it is not
-    the default."""
+    of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the
+    shared encoders that weight is taken from the tasks still being fitted, such as a regression. At 4, on the suite
+    at ten passes, textures' delta-m rose from -26.5 to -16.9 % and glyphs' fell from -20.3 to -30.0 % (two seeds),
+    and the mean over six sets was -9.8 % against -8.3 % (seed 0; benchmarks/results/recipes_weighting_screen*.md),
+    so it is not the default."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:
