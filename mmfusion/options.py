@@ -11,7 +11,7 @@ from pathlib import Path
 import tyro
 import yaml
 
-from .config import Config, from_dict
+from .config import Config, TrainConfig, from_dict
 
 
 def load_yaml(path: str | Path) -> Config:
@@ -118,8 +118,10 @@ def check_values(config: Config) -> list[str]:
             f"--train.uncertainty_max_weight must be >= 0 (0: no bound), got {train.uncertainty_max_weight}",
         ),
         (
-            not train.uncertainty_max_weight or train.loss_weighting == "uncertainty",
-            f"--train.uncertainty_max_weight applies to --train.loss_weighting uncertainty, not {train.loss_weighting}",
+            train.uncertainty_max_weight in (0, TrainConfig.uncertainty_max_weight)
+            or train.loss_weighting == "uncertainty",
+            f"--train.uncertainty_max_weight {train.uncertainty_max_weight} applies to --train.loss_weighting"
+            f" uncertainty, not {train.loss_weighting}",
         ),
         (
             train.freeze_encoders_steps >= 0,

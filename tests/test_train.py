@@ -190,7 +190,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         ),
         (
             ["--train.loss_weighting", "nll", "--train.uncertainty_max_weight", "4"],
-            "--train.uncertainty_max_weight applies to --train.loss_weighting uncertainty, not nll",
+            "--train.uncertainty_max_weight 4.0 applies to --train.loss_weighting uncertainty, not nll",
         ),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),

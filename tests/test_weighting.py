@@ -145,6 +145,27 @@ def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regress
     assert weighting.log_variance[0] == stuck[0]
 
 
+def test_the_default_training_config_lets_classification_weights_fall_but_not_rise():
+    """The suite's choice (benchmarks/results/recipes_weight_bound_screen.md): uncertainty with each classification and
+    multilabel weight bounded at its start, so a fitted cross-entropy does not take the shared encoders."""
+    config = TrainConfig()
+    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
+    losses = {"c": torch.tensor(0.01), "m": torch.tensor(4.0), "r": torch.tensor(0.01)}  # c fitted, m not yet
+    present = torch.tensor([True, True, True])
+    weighting = build_weighting(
+        config.loss_weighting,
+        tasks,
+        uncertainty_start=config.uncertainty_start,
+        uncertainty_max_weight=config.uncertainty_max_weight,
+    )
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        weighting(losses, present, step=0).backward()
+        optimizer.step()
+    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 1 / 4.0, 1 / 0.01]), rtol=0.05, atol=0.0)
+
+
 def test_uncertainty_max_weight_is_a_multiple_of_each_start():
     """Under `uncertainty_start outcomes` a multilabel task starts at its number of labels: its bound is that many
     times the bound of a classification, so a bound of 1 lets every weight fall from its start and none rise."""
