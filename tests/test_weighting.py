@@ -97,51 +97,48 @@ def test_nll_noise_decay_weighs_each_regression_by_a_running_mean_of_its_loss(tm
     assert torch.equal(restored.noise, weighting.noise) and weighting.stateful
 
 
+THREE_TYPES = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
+ALL_THREE = torch.tensor([True, True, True])
+
+
+def fit_weights(weighting, losses, present, steps=500):
+    """Train only the weighting's parameters on fixed task losses, so its weights settle where it sends them."""
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        weighting(losses, present, step=0).backward()
+        optimizer.step()
+
+
 def test_uncertainty_weights_move_toward_inverse_loss_of_each_task():
     weighting = build_weighting("uncertainty", TASKS)
-    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
     losses = {"a": torch.tensor(0.05), "b": torch.tensor(2.0)}  # b is the noisier task
-    for _ in range(500):
-        optimizer.zero_grad()
-        weighting(losses, BOTH, step=0).backward()
-        optimizer.step()
+    fit_weights(weighting, losses, BOTH)
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 0.05, 1 / 2.0]), rtol=0.05, atol=0.0)
 
 
 def test_uncertainty_can_start_each_weight_at_its_tasks_number_of_outcomes():
-    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
     losses = {"c": torch.tensor(2.0), "m": torch.tensor(0.5), "r": torch.tensor(0.2)}
-    present = torch.tensor([True, True, True])
-    weighting = build_weighting("uncertainty", tasks, uncertainty_start="outcomes")
-    weighting(losses, present, step=0)
+    weighting = build_weighting("uncertainty", THREE_TYPES, uncertainty_start="outcomes")
+    weighting(losses, ALL_THREE, step=0)
     torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 1.0]))  # the mean of 4 labels counts 4
-    default = build_weighting("uncertainty", tasks)
-    default(losses, present, step=0)
+    default = build_weighting("uncertainty", THREE_TYPES)
+    default(losses, ALL_THREE, step=0)
     torch.testing.assert_close(default.weights, torch.tensor([1.0, 1.0, 1.0]))
-    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
-    for _ in range(500):  # the start changes where the weights begin, not where they go
-        optimizer.zero_grad()
-        weighting(losses, present, step=0).backward()
-        optimizer.step()
+    fit_weights(weighting, losses, ALL_THREE)  # the start changes where the weights begin, not where they go
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 2.0, 1 / 0.5, 1 / 0.2]), rtol=0.05, atol=0.0)
 
 
 def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regressions_free():
-    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
     losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.5), "r": torch.tensor(0.01)}  # c fitted; m not yet
-    present = torch.tensor([True, True, True])
-    weighting = build_weighting("uncertainty", tasks, uncertainty_max_weight=4.0)
-    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
-    for _ in range(500):
-        optimizer.zero_grad()
-        weighting(losses, present, step=0).backward()
-        optimizer.step()
+    weighting = build_weighting("uncertainty", THREE_TYPES, uncertainty_max_weight=4.0)
+    fit_weights(weighting, losses, ALL_THREE)
     torch.testing.assert_close(weighting.weights, torch.tensor([4.0, 1 / 0.5, 1 / 0.01]), rtol=0.05, atol=0.0)
     stuck = weighting.log_variance.detach().clone()  # at the bound the weight gets no gradient: it stays put
-    optimizer.zero_grad()
-    weighting(losses, present, step=0).backward()
+    weighting.zero_grad()
+    weighting(losses, ALL_THREE, step=0).backward()
     assert weighting.log_variance.grad[0] == 0.0 and weighting.log_variance.grad[2] != 0.0
-    optimizer.step()
+    fit_weights(weighting, losses, ALL_THREE, steps=1)
     assert weighting.log_variance[0] == stuck[0]
 
 
@@ -149,35 +146,23 @@ def test_the_default_training_config_lets_classification_weights_fall_but_not_ri
     """The suite's choice (benchmarks/results/recipes_weight_bound_screen.md): uncertainty with each classification and
     multilabel weight bounded at its start, so a fitted cross-entropy does not take the shared encoders."""
     config = TrainConfig()
-    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
     losses = {"c": torch.tensor(0.01), "m": torch.tensor(4.0), "r": torch.tensor(0.01)}  # c fitted, m not yet
-    present = torch.tensor([True, True, True])
     weighting = build_weighting(
         config.loss_weighting,
-        tasks,
+        THREE_TYPES,
         uncertainty_start=config.uncertainty_start,
         uncertainty_max_weight=config.uncertainty_max_weight,
     )
-    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
-    for _ in range(500):
-        optimizer.zero_grad()
-        weighting(losses, present, step=0).backward()
-        optimizer.step()
+    fit_weights(weighting, losses, ALL_THREE)
     torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 1 / 4.0, 1 / 0.01]), rtol=0.05, atol=0.0)
 
 
 def test_uncertainty_max_weight_is_a_multiple_of_each_start():
     """Under `uncertainty_start outcomes` a multilabel task starts at its number of labels: its bound is that many
     times the bound of a classification, so a bound of 1 lets every weight fall from its start and none rise."""
-    tasks = [TaskSpec("c", "classification"), TaskSpec("m", "multilabel", num_labels=4), TaskSpec("r", "regression")]
     losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.01), "r": torch.tensor(0.01)}  # all fitted: weights rise
-    present = torch.tensor([True, True, True])
-    weighting = build_weighting("uncertainty", tasks, uncertainty_start="outcomes", uncertainty_max_weight=1.0)
-    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
-    for _ in range(500):
-        optimizer.zero_grad()
-        weighting(losses, present, step=0).backward()
-        optimizer.step()
+    weighting = build_weighting("uncertainty", THREE_TYPES, uncertainty_start="outcomes", uncertainty_max_weight=1.0)
+    fit_weights(weighting, losses, ALL_THREE)
     torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 1 / 0.01]), rtol=0.05, atol=0.0)
 
 
