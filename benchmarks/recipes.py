@@ -76,6 +76,8 @@ SCREENS = (
     "uncertainty_cap1",
     "uncertainty_cap05",
     "uncertainty_cap1_outcomes",
+    "uncertainty_cap05_outcomes",
+    "uncertainty_cap025_outcomes",
     "cnn_small",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
