@@ -377,21 +377,19 @@ class TrainConfig:
     """nll: 0 weighs each regression by c / its batch's loss; d in (0, 1) by c / a running mean of its loss (noise <-
     d noise + (1 - d) loss each batch, about 1 / (1 - d) batches of memory). Screened on two sets only
     (benchmarks/results/recipes_nll_noise.md, recipes_nll_noise_clutter.md)."""
-    uncertainty_start: Literal["one", "outcomes"] = "one"
-    """uncertainty: where each learned weight starts: at 1 for every task (one), or at the task's number of outcomes
-    (outcomes: a multilabel task's number of labels, 1 for the others). On the suite at ten passes, seed 0,
-    outcomes raised scenes' fills mAP from 0.804 to 0.925 but lowered its pair recall@1 from 0.100 to 0.069
-    (benchmarks/results/recipes_outcomes_screen.md); under the default bound it kept fills (mAP 0.926) but cost
-    catalog's total regression and the sample's pair recall (recipes_weight_bound_screen.md,
-    default_run_cap1_outcomes.json), so it is not the default."""
-    uncertainty_max_weight: float = 1.0
+    uncertainty_start: Literal["one", "outcomes"] = "outcomes"
+    """uncertainty: where each learned weight starts: at the task's number of outcomes (outcomes, the default: a
+    multilabel task's number of labels, 1 for the others, as nll counts them), or at 1 for every task (one). Under
+    the default bound, on the suite at ten passes, seed 0, outcomes kept scenes' fills at mAP 0.906 and catalog's
+    attributes at 1.000, where one let them fall to 0.736 and 0.868
+    (benchmarks/results/recipes_weight_bound_outcomes.md)."""
+    uncertainty_max_weight: float = 0.5
     """uncertainty: the largest weight a classification or multilabel task's learned weight may reach, as a multiple
-    of its start (0: no bound; other weightings take 0 or the default). A cross-entropy that falls towards zero
-    drives its weight up without end, and in the shared encoders that weight is taken from the tasks still being
-    fitted, such as a regression. At 1 (the weights may fall, never rise), on the suite at ten passes, the mean
-    delta-m over six sets rose from -8.3 to -4.5 % (seed 0), textures' from -26.5 to -7.3 % and glyphs' from -20.3 to
-    -11.3 % (two seeds); at 4, -9.8 % (benchmarks/results/recipes_weight_bound_screen.md, recipes_weight_bound_seeds.md,
-    recipes_weighting_screen*.md)."""
+    of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the
+    shared encoders that weight is taken from the tasks still being fitted, such as a regression. At 0.5 (those
+    weights begin at half their start and may only fall; regressions stay free), on the suite at ten passes, the mean
+    delta-m over six sets is +1.9 %, against -4.5 % at 1 and -8.3 % without a bound (seed 0); at 0.25 catalog's
+    text-read sentiment was not learned (benchmarks/results/recipes_weight_bound_outcomes.md)."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:

@@ -11,7 +11,7 @@ from pathlib import Path
 import tyro
 import yaml
 
-from .config import Config, TrainConfig, from_dict
+from .config import Config, from_dict
 
 
 def load_yaml(path: str | Path) -> Config:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
         use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
     )
-    problems = check_values(config)
+    problems = check_values(config) + _unread_options(argv, config)
     if problems:
         raise SystemExit(f"{prog}: error: " + "; ".join(problems))
     return config
@@ -90,6 +90,22 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+UNCERTAINTY_OPTIONS = ("uncertainty_start", "uncertainty_max_weight")
+"""Training options only `--train.loss_weighting uncertainty` reads."""
+
+
+def _unread_options(argv: list[str], config: Config) -> list[str]:
+    """Uncertainty's options given on the command line with another weighting, which would ignore them (a saved
+    config holds every option, so only the command line is checked)."""
+    train = config.train
+    return [
+        f"--train.{name} {getattr(train, name)} applies to --train.loss_weighting uncertainty,"
+        f" not {train.loss_weighting}"
+        for name in UNCERTAINTY_OPTIONS
+        if train.loss_weighting != "uncertainty" and _option_value(argv, f"--train.{name}") is not None
+    ]
+
+
 def check_values(config: Config) -> list[str]:
     """Values that parse but make no sense, each named by its option."""
     train, data, model = config.train, config.data, config.model
@@ -116,12 +132,6 @@ def check_values(config: Config) -> list[str]:
         (
             train.uncertainty_max_weight >= 0,
             f"--train.uncertainty_max_weight must be >= 0 (0: no bound), got {train.uncertainty_max_weight}",
-        ),
-        (
-            train.uncertainty_max_weight in (0, TrainConfig.uncertainty_max_weight)
-            or train.loss_weighting == "uncertainty",
-            f"--train.uncertainty_max_weight {train.uncertainty_max_weight} applies to --train.loss_weighting"
-            f" uncertainty, not {train.loss_weighting}",
         ),
         (
             train.freeze_encoders_steps >= 0,

@@ -101,11 +101,14 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     labelled = tmp_path / "labelled.yaml"
     multilabel = {"name": "colors", "type": "multilabel"}
     labelled.write_text(yaml.safe_dump({**merged_config(SET_YAML, {}), "tasks": [*SET_YAML["tasks"], multilabel]}))
-    outcomes = ["--train.time_limit", "60", "--train.uncertainty_start", "outcomes"]
-    assert fingerprint(labelled, outcomes) != fingerprint(labelled, ["--train.time_limit", "60"])
-    assert fingerprint(files["a"], outcomes) == base  # no multilabel task
+    ones = ["--train.time_limit", "60", "--train.uncertainty_start", "one"]
+    assert fingerprint(labelled, ones) != fingerprint(labelled, ["--train.time_limit", "60"])
+    assert fingerprint(files["a"], ones) == base  # no multilabel task
     other = ["--train.loss_weighting", "gradnorm", "--train.time_limit", "60"]
-    assert fingerprint(labelled, [*other, "--train.uncertainty_start", "outcomes"]) == fingerprint(labelled, other)
+    saved = yaml.safe_load(labelled.read_text())
+    saved["train"] = {**saved.get("train", {}), "uncertainty_start": "one"}  # as a saved config holds it
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(saved))
+    assert fingerprint(tmp_path / "saved.yaml", other) == fingerprint(labelled, other)
 
 
 RECORDED_STUDIES = {

@@ -192,6 +192,10 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             ["--train.loss_weighting", "nll", "--train.uncertainty_max_weight", "4"],
             "--train.uncertainty_max_weight 4.0 applies to --train.loss_weighting uncertainty, not nll",
         ),
+        (
+            ["--train.loss_weighting", "sum", "--train.uncertainty_start", "one"],
+            "--train.uncertainty_start one applies to --train.loss_weighting uncertainty, not sum",
+        ),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
@@ -203,6 +207,18 @@ def test_bad_options_stop_with_a_message_naming_them(tiny_data, tmp_path, args, 
         raise SystemExit(code)
     captured = capsys.readouterr()
     assert exit_info.value.code not in (0, None) and message in captured.err + captured.out + str(exit_info.value.code)
+
+
+def test_a_saved_config_loads_with_uncertainty_options_another_weighting_ignores(tmp_path):
+    """A run's config.yaml holds every option, uncertainty's included at whatever default its version had: only the
+    command line is refused uncertainty's options under another weighting."""
+    from mmfusion.options import parse_args, save_yaml
+
+    saved = parse_args(["--train.loss_weighting", "nll"])
+    saved.train.uncertainty_start, saved.train.uncertainty_max_weight = "one", 1.0  # an earlier version's defaults
+    save_yaml(saved, tmp_path / "config.yaml")
+    loaded = parse_args(["--config", str(tmp_path / "config.yaml")]).train
+    assert (loaded.loss_weighting, loaded.uncertainty_start, loaded.uncertainty_max_weight) == ("nll", "one", 1.0)
 
 
 def test_loader_workers_default_to_zero_on_cpu_and_for_streams_and_four_per_process_on_gpu(monkeypatch):
@@ -391,6 +407,8 @@ def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_pat
         "1",
         "--train.uncertainty_start",
         "outcomes",
+        "--train.uncertainty_max_weight",
+        "1",
         "--train.output_dir",
         str(out),
     ]

@@ -142,11 +142,12 @@ def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regress
     assert weighting.log_variance[0] == stuck[0]
 
 
-def test_the_default_training_config_lets_classification_weights_fall_but_not_rise():
-    """The suite's choice (benchmarks/results/recipes_weight_bound_screen.md): uncertainty with each classification and
-    multilabel weight bounded at its start, so a fitted cross-entropy does not take the shared encoders."""
+def test_the_default_training_config_holds_classification_weights_at_half_their_outcome_counts():
+    """The suite's choice (benchmarks/results/recipes_weight_bound_outcomes.md): uncertainty with each weight
+    starting at its task's number of outcomes and each classification and multilabel weight bounded at half of it, so
+    a fitted cross-entropy does not take the shared encoders from a regression."""
     config = TrainConfig()
-    losses = {"c": torch.tensor(0.01), "m": torch.tensor(4.0), "r": torch.tensor(0.01)}  # c fitted, m not yet
+    losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.1), "r": torch.tensor(0.01)}  # all fitted: weights rise
     weighting = build_weighting(
         config.loss_weighting,
         THREE_TYPES,
@@ -154,7 +155,7 @@ def test_the_default_training_config_lets_classification_weights_fall_but_not_ri
         uncertainty_max_weight=config.uncertainty_max_weight,
     )
     fit_weights(weighting, losses, ALL_THREE)
-    torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 1 / 4.0, 1 / 0.01]), rtol=0.05, atol=0.0)
+    torch.testing.assert_close(weighting.weights, torch.tensor([0.5, 4 * 0.5, 1 / 0.01]), rtol=0.05, atol=0.0)
 
 
 def test_uncertainty_max_weight_is_a_multiple_of_each_start():
