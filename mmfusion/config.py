@@ -388,8 +388,9 @@ class TrainConfig:
     of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the
     shared encoders that weight is taken from the tasks still being fitted, such as a regression. At 0.5 (those
     weights begin at half their start and may only fall; regressions stay free), on the suite at ten passes, the mean
-    delta-m over six sets is +1.9 %, against -4.5 % at 1 and -8.3 % without a bound (seed 0); at 0.25 catalog's
-    text-read sentiment was not learned (benchmarks/results/recipes_weight_bound_outcomes.md)."""
+    delta-m over six sets is +1.9 %, against -4.5 % at 1 and -8.3 % without a bound (seed 0; over seeds 0 and 1 on
+    five sets, -0.0 % against -5.3 % at 1); at 0.25 catalog's text-read sentiment was not learned
+    (benchmarks/results/recipes_weight_bound_outcomes.md, recipes_weight_bound_outcomes_seeds.md)."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:
