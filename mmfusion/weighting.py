@@ -390,6 +390,8 @@ def build_weighting(
     uncertainty_start: str = "one",
     uncertainty_max_weight: float = 0.0,
 ) -> LossWeighting:
+    """The weighting `name` over `tasks`. The keyword defaults are each method as published (uncertainty: every weight
+    starting at 1, no bound); train.py passes TrainConfig's values, the recipe chosen on the suite."""
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
     if name == "gradnorm":

@@ -122,9 +122,9 @@ def test_uncertainty_can_start_each_weight_at_its_tasks_number_of_outcomes():
     weighting = build_weighting("uncertainty", THREE_TYPES, uncertainty_start="outcomes")
     weighting(losses, ALL_THREE, step=0)
     torch.testing.assert_close(weighting.weights, torch.tensor([1.0, 4.0, 1.0]))  # the mean of 4 labels counts 4
-    default = build_weighting("uncertainty", THREE_TYPES)
-    default(losses, ALL_THREE, step=0)
-    torch.testing.assert_close(default.weights, torch.tensor([1.0, 1.0, 1.0]))
+    ones = build_weighting("uncertainty", THREE_TYPES)
+    ones(losses, ALL_THREE, step=0)
+    torch.testing.assert_close(ones.weights, torch.tensor([1.0, 1.0, 1.0]))
     fit_weights(weighting, losses, ALL_THREE)  # the start changes where the weights begin, not where they go
     torch.testing.assert_close(weighting.weights, torch.tensor([1 / 2.0, 1 / 0.5, 1 / 0.2]), rtol=0.05, atol=0.0)
 
