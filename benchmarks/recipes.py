@@ -125,6 +125,9 @@ READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty", ("train", "uncertainty_max_weight"): "uncertainty"}
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
+TASK_FIELDS_READ_BY = {"label_smoothing": (0.0, ("classification", "segmentation"))}
+"""Task fields that only tasks of these types read, with their default: any other task is fingerprinted at the
+default, so a recipe's `task_options` that one type reads leave the other single-task models as recorded."""
 
 
 def fingerprint(config_file: Path, extra: list[str]) -> str:
@@ -147,6 +150,10 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
         unread |= reader is not None and reader != train["loss_weighting"]
         if resolved[section].get(key) == value or unread:
             resolved[section].pop(key)
+    for task in resolved["tasks"]:
+        for key, (default, readers) in TASK_FIELDS_READ_BY.items():
+            if task["type"] not in readers:
+                task[key] = default
     resolved.pop("config")
     return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
 
