@@ -25,6 +25,7 @@ models (same seed, same time limit per model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ import yaml
 from common import RESULTS, ROOT, environment
 from suite import SETS, generate
 
-from mmfusion.config import TaskSpec
+from mmfusion.config import TaskSpec, with_label_smoothing
 from mmfusion.metrics import PRIMARY_METRIC, delta_m
 from mmfusion.options import parse_args
 
@@ -79,11 +80,13 @@ SCREENS = (
     "uncertainty_cap05_outcomes",
     "uncertainty_cap025_outcomes",
     "cnn_small",
+    "label_smoothing",
+    "label_smoothing01",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
-recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_bound_outcomes.md): run when named in
---only-recipes, not by default."""
+recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_bound_outcomes.md,
+recipes_label_smoothing.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -126,16 +129,19 @@ READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty
 READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty", ("train", "uncertainty_max_weight"): "uncertainty"}
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
 TASK_FIELDS_READ_BY = {"label_smoothing": (0.0, ("classification", "segmentation"))}
-"""Task fields that only tasks of these types read, with their default: any other task is fingerprinted at the
-default, so a recipe's `task_options` that one type reads leave the other single-task models as recorded."""
+"""Task fields that only tasks of these types read, with the value their recorded runs hold: any other task is
+fingerprinted at that value, so a recipe's `task_options` that one type reads leave the other single-task models as
+recorded."""
 
 
 def fingerprint(config_file: Path, extra: list[str]) -> str:
     """A hash of the configuration train.py resolves (defaults included), without the seed, the output path and,
     without a time limit, the number of threads: a run recorded under another fingerprint was trained differently
     and is not reused."""
-    resolved = parse_args(["--config", str(config_file), *extra], prog="recipes.py").to_dict()
-    for key in ("output_dir", "seed"):
+    config = parse_args(["--config", str(config_file), *extra], prog="recipes.py")
+    tasks = with_label_smoothing(config.tasks, config.train.label_smoothing)  # as train.py resolves them
+    resolved = dataclasses.replace(config, tasks=tasks).to_dict()
+    for key in ("output_dir", "seed", "label_smoothing"):  # label smoothing: now in the tasks
         resolved["train"].pop(key)
     types = {task["type"] for task in resolved["tasks"]}
     train = resolved["train"]

@@ -37,7 +37,7 @@ def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor, weights: torch.Te
 def classification_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     targets = torch.where(mask, labels, torch.zeros_like(labels)).long()
     class_weights = None if spec.class_weights is None else logits.new_tensor(spec.class_weights)
-    per_sample = F.cross_entropy(logits, targets, reduction="none", label_smoothing=spec.label_smoothing)
+    per_sample = F.cross_entropy(logits, targets, reduction="none", label_smoothing=spec.label_smoothing or 0.0)
     return _masked_mean(per_sample, mask, None if class_weights is None else class_weights[targets])
 
 
@@ -73,7 +73,7 @@ def segmentation_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor
     valid = mask[:, None, None] & (labels != spec.ignore_index)
     targets = torch.where(valid, labels, torch.zeros_like(labels)).long()
     class_weights = None if spec.class_weights is None else logits.new_tensor(spec.class_weights)
-    per_pixel = F.cross_entropy(logits, targets, reduction="none", label_smoothing=spec.label_smoothing)
+    per_pixel = F.cross_entropy(logits, targets, reduction="none", label_smoothing=spec.label_smoothing or 0.0)
     loss = _masked_mean(per_pixel, valid, None if class_weights is None else class_weights[targets])
     if spec.dice_weight:
         loss = loss + spec.dice_weight * dice_loss(logits, targets, valid)

@@ -124,6 +124,7 @@ def check_values(config: Config) -> list[str]:
         (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
         (train.gradnorm_alpha >= 0, f"--train.gradnorm_alpha must be >= 0, got {train.gradnorm_alpha}"),
         (train.weighting_lr >= 0, f"--train.weighting_lr must be >= 0 (0: lr), got {train.weighting_lr}"),
+        (0 <= train.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1), got {train.label_smoothing}"),
         (0 <= train.nll_noise_decay < 1, f"--train.nll_noise_decay must be in [0, 1), got {train.nll_noise_decay}"),
         (
             not train.nll_noise_decay or train.loss_weighting == "nll",

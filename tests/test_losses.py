@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_loss_values_match_reference_formulas():
     expected = ((predictions - standardised)[mask] ** 2).mean()
     torch.testing.assert_close(task_loss(SPECS["regression"], predictions, targets, mask), expected)
 
+    smoothed = TaskSpec("c", "classification", num_labels=3, label_smoothing=0.2)
+    expected = torch.nn.functional.cross_entropy(logits[mask], labels[mask], label_smoothing=0.2)
+    torch.testing.assert_close(task_loss(smoothed, logits, labels, mask), expected)
+
     weighted = TaskSpec("c", "classification", num_labels=3, class_weights=[1.0, 2.0, 3.0])
     expected = torch.nn.functional.cross_entropy(logits[mask], labels[mask], weight=torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(task_loss(weighted, logits, labels, mask), expected)
@@ -85,3 +91,8 @@ def test_default_masks():
     assert default_label_mask(SPECS["regression"], torch.tensor([0.0, float("nan")])).tolist() == [True, False]
     assert default_label_mask(SPECS["multilabel"], torch.tensor([[0, 1], [-1, -1]])).tolist() == [True, False]
     assert default_label_mask(SPECS["matching"], torch.tensor([1, 0])).tolist() == [True, False]
+
+
+def test_label_smoothing_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match=re.escape("task 'c': label_smoothing must be in [0, 1), got 1.5")):
+        TaskSpec("c", "classification", num_labels=3, label_smoothing=1.5)

@@ -196,6 +196,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             ["--train.loss_weighting", "sum", "--train.uncertainty_start", "one"],
             "--train.uncertainty_start one applies to --train.loss_weighting uncertainty, not sum",
         ),
+        (["--train.label_smoothing", "1"], "--train.label_smoothing must be in [0, 1), got 1.0"),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
@@ -393,6 +394,27 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
         assert set(record["weights"]) == {"label", "score", "tags"}
         assert all(w >= 0 and w == w for w in record["weights"].values())  # finite, no NaN
         assert all(v == v for v in record["losses"].values())
+
+
+def test_classification_tasks_get_train_label_smoothing_unless_they_set_their_own(tiny_data, tmp_path):
+    """Inferred tasks: the classification is smoothed by train.label_smoothing (0 by default), the regression and
+    the multilabel task are not; a task's own label_smoothing wins."""
+
+    def smoothing(out: Path, *options: str) -> dict:
+        args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "1", "--train.output_dir", str(out)]
+        assert _run([*args, *options]) == 0
+        return {t["name"]: t["label_smoothing"] for t in yaml.safe_load((out / "config.yaml").read_text())["tasks"]}
+
+    assert smoothing(tmp_path / "default") == {"label": 0.0, "score": 0.0, "tags": 0.0}
+    smoothed = smoothing(tmp_path / "smoothed", "--train.label_smoothing", "0.2")
+    assert smoothed == {"label": 0.2, "score": 0.0, "tags": 0.0}
+    config = tmp_path / "tasks.yaml"
+    tasks = [{"name": "label", "label_smoothing": 0.05}, {"name": "score", "type": "regression"}]
+    config.write_text(yaml.safe_dump({"tasks": tasks}))
+    assert smoothing(tmp_path / "own", "--config", str(config), "--train.label_smoothing", "0.2") == {
+        "label": 0.05,
+        "score": 0.0,
+    }
 
 
 def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_path):
