@@ -113,7 +113,7 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
 
 def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read_it(tmp_path):
     """Label smoothing set on every task (a recipe's task_options) trains a regression as before: its single-task
-    model keeps its fingerprint, the classification's gets a new one."""
+    model keeps its fingerprint, the classification's gets a new one, the one train.label_smoothing gives it."""
     limit = ["--train.time_limit", "60"]
     for task in SET_YAML["tasks"]:
         prints = []
@@ -122,6 +122,10 @@ def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read
             alone.write_text(yaml.safe_dump(merged_config(SET_YAML, recipe, [task])))
             prints.append(fingerprint(alone, limit))
         assert (prints[0] == prints[1]) == (task["type"] == "regression"), task
+        # train.label_smoothing reaches the same tasks, so a recipe setting it shares the task option's runs
+        by_train = tmp_path / f"{task['name']}-train.yaml"
+        by_train.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"label_smoothing": 0.1}}, [task])))
+        assert fingerprint(by_train, limit) == prints[1]
 
 
 RECORDED_STUDIES = {
