@@ -82,11 +82,13 @@ SCREENS = (
     "cnn_small",
     "label_smoothing",
     "label_smoothing01",
+    "towers_outcomes",
+    "regression_l1",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
 recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_bound_outcomes.md,
-recipes_label_smoothing.md): run when named in --only-recipes, not by default."""
+recipes_label_smoothing.md, recipes_towers_l1_screen.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -128,7 +130,10 @@ READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty", ("train", "uncertainty_max_weight"): "uncertainty"}
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
-TASK_FIELDS_READ_BY = {"label_smoothing": (0.0, ("classification", "segmentation"))}
+TASK_FIELDS_READ_BY = {
+    "label_smoothing": (0.0, ("classification", "segmentation")),
+    "loss": ("mse", ("regression", "dense_regression")),
+}
 """Task fields that only tasks of these types read, with the value their recorded runs hold: any other task is
 fingerprinted at that value, so a recipe's `task_options` that one type reads leave the other single-task models as
 recorded."""

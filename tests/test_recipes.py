@@ -111,21 +111,32 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     assert fingerprint(tmp_path / "saved.yaml", other) == fingerprint(labelled, other)
 
 
-def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read_it(tmp_path):
-    """Label smoothing set on every task (a recipe's task_options) trains a regression as before: its single-task
-    model keeps its fingerprint, the classification's gets a new one, the one train.label_smoothing gives it."""
+@pytest.mark.parametrize(
+    ("option", "reader"), [({"label_smoothing": 0.1}, "classification"), ({"loss": "l1"}, "regression")]
+)
+def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read_it(tmp_path, option, reader):
+    """A task field set on every task (a recipe's task_options) trains the other task types as before: their
+    single-task models keep their fingerprints, those of the type that reads it get new ones."""
     limit = ["--train.time_limit", "60"]
     for task in SET_YAML["tasks"]:
         prints = []
-        for recipe in ({}, {"task_options": {"label_smoothing": 0.1}}):
+        for recipe in ({}, {"task_options": option}):
             alone = tmp_path / f"{task['name']}-{len(prints)}.yaml"
             alone.write_text(yaml.safe_dump(merged_config(SET_YAML, recipe, [task])))
             prints.append(fingerprint(alone, limit))
-        assert (prints[0] == prints[1]) == (task["type"] == "regression"), task
-        # train.label_smoothing reaches the same tasks, so a recipe setting it shares the task option's runs
-        by_train = tmp_path / f"{task['name']}-train.yaml"
-        by_train.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"label_smoothing": 0.1}}, [task])))
-        assert fingerprint(by_train, limit) == prints[1]
+        assert (prints[0] != prints[1]) == (task["type"] == reader), task
+
+
+def test_train_label_smoothing_shares_the_runs_of_the_task_option(tmp_path):
+    """train.label_smoothing reaches the tasks the task option does, so a recipe setting it shares that one's runs."""
+    limit = ["--train.time_limit", "60"]
+    for task in SET_YAML["tasks"]:
+        prints = []
+        for recipe in ({"task_options": {"label_smoothing": 0.1}}, {"train": {"label_smoothing": 0.1}}):
+            alone = tmp_path / f"{task['name']}-{len(prints)}.yaml"
+            alone.write_text(yaml.safe_dump(merged_config(SET_YAML, recipe, [task])))
+            prints.append(fingerprint(alone, limit))
+        assert prints[0] == prints[1], task
 
 
 RECORDED_STUDIES = {
