@@ -42,7 +42,7 @@ import yaml
 from common import RESULTS, ROOT, environment
 from suite import SETS, generate
 
-from mmfusion.config import TaskSpec, with_label_smoothing
+from mmfusion.config import TaskSpec, with_run_defaults
 from mmfusion.metrics import PRIMARY_METRIC, delta_m
 from mmfusion.options import parse_args
 
@@ -144,9 +144,11 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
     without a time limit, the number of threads: a run recorded under another fingerprint was trained differently
     and is not reused."""
     config = parse_args(["--config", str(config_file), *extra], prog="recipes.py")
-    tasks = with_label_smoothing(config.tasks, config.train.label_smoothing)  # as train.py resolves them
+    tasks = with_run_defaults(
+        config.tasks, config.train.label_smoothing, config.train.regression_loss
+    )  # as train.py resolves them
     resolved = dataclasses.replace(config, tasks=tasks).to_dict()
-    for key in ("output_dir", "seed", "label_smoothing"):  # label smoothing: now in the tasks
+    for key in ("output_dir", "seed", "label_smoothing", "regression_loss"):  # now in the tasks
         resolved["train"].pop(key)
     types = {task["type"] for task in resolved["tasks"]}
     train = resolved["train"]

@@ -63,12 +63,13 @@ class TaskSpec:
     """Task-specific MLP layers between the shared fusion output and the head's output layer."""
     label_smoothing: float | None = None
     """Label smoothing (classification, segmentation). Unset: train.label_smoothing for a classification task of a
-    training run, 0 otherwise (`with_label_smoothing`)."""
+    training run, 0 otherwise (`with_run_defaults`)."""
     class_weights: list[float] | None = None
     """Per-class loss weights for classification."""
-    loss: Literal["mse", "huber", "l1", "silog"] = "mse"
+    loss: Literal["mse", "huber", "l1", "silog"] | None = None
     """Regression and dense_regression loss: mse, huber, l1, or (dense_regression) silog, the scale-invariant log
-    loss of positive targets (the head then predicts log values)."""
+    loss of positive targets (the head then predicts log values). Unset: train.regression_loss for a regression task
+    of a training run, mse otherwise (`with_run_defaults`)."""
     dice_weight: float = 0.0
     """segmentation: the per-pixel cross-entropy plus this times the soft Dice loss (0: cross-entropy only)."""
     ignore_index: int = 255
@@ -136,14 +137,19 @@ class TaskSpec:
         return list(self.depths) if self.depths else [-1]
 
 
-def with_label_smoothing(tasks: list[TaskSpec], smoothing: float) -> list[TaskSpec]:
-    """`tasks` with label_smoothing set where it is unset: `smoothing` for classification, 0 for every other type."""
-    return [
-        dataclasses.replace(t, label_smoothing=smoothing if t.type == "classification" else 0.0)
-        if t.label_smoothing is None
-        else t
-        for t in tasks
-    ]
+def with_run_defaults(tasks: list[TaskSpec], label_smoothing: float, regression_loss: str) -> list[TaskSpec]:
+    """`tasks` with the fields a training run decides where a task leaves them unset: label_smoothing
+    (`label_smoothing` for classification, 0 for every other type) and loss (`regression_loss` for regression, mse
+    for every other type)."""
+    resolved = []
+    for task in tasks:
+        if task.label_smoothing is None:
+            smoothing = label_smoothing if task.type == "classification" else 0.0
+            task = dataclasses.replace(task, label_smoothing=smoothing)
+        if task.loss is None:
+            task = dataclasses.replace(task, loss=regression_loss if task.type == "regression" else "mse")
+        resolved.append(task)
+    return resolved
 
 
 @dataclass
@@ -404,6 +410,9 @@ class TrainConfig:
     0.956 on test over three seeds: an option, not the default. At 0.1 the sample held, but the suite lost two
     regressions (delta-m -15.5 % over six sets) (benchmarks/results/recipes_label_smoothing.md,
     default_run_label_smoothing.json, default_run_label_smoothing01.json)."""
+    regression_loss: Literal["mse", "huber", "l1"] = "mse"
+    """The loss of every regression task that does not set its own (TaskSpec.loss): mse (squared error), huber, or
+    l1 (absolute error)."""
     uncertainty_max_weight: float = 0.5
     """uncertainty: the largest weight a classification or multilabel task's learned weight may reach, as a multiple
     of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the

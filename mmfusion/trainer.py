@@ -23,7 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from . import feature_cache
-from .config import Config, FusionConfig, from_dict, with_label_smoothing
+from .config import Config, FusionConfig, from_dict, with_run_defaults
 from .errors import InputError
 from .evaluation import CONDITIONS
 from .hub import resolve_checkpoint
@@ -212,10 +212,10 @@ def model_architecture(config: Config, init: Path | None) -> FusionConfig:
 def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
     size, longest text, the number of epochs when it follows the data size; with init_from, reused regression heads
-    keep the checkpoint's target statistics), each task's label smoothing, and where the data came from (`data`
+    keep the checkpoint's target statistics), each task's label smoothing and loss, and where the data came from (`data`
     given in Python: its path, or a note that it was passed in memory)."""
     tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
-    tasks = with_label_smoothing(tasks, config.train.label_smoothing)
+    tasks = with_run_defaults(tasks, config.train.label_smoothing, config.train.regression_loss)
     model = dataclasses.replace(config.model, **prepared.model_settings)
     path = config.data.path if data is None else str(data) if isinstance(data, (str, Path)) else None
     source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")

@@ -105,7 +105,7 @@ class LikelihoodWeighting(LossWeighting):
     def __init__(self, tasks: list[TaskSpec], seed: int = 0, noise_decay: float = 0.0) -> None:
         super().__init__(tasks, seed)
         regression = ("regression", "dense_regression")
-        self.factors = [LIKELIHOOD_FACTORS.get(t.loss, 0.0) if t.type in regression else 0.0 for t in tasks]
+        self.factors = [LIKELIHOOD_FACTORS.get(t.loss or "mse", 0.0) if t.type in regression else 0.0 for t in tasks]
         self.outcomes = outcome_counts(tasks)
         self.noise_decay = noise_decay
         if noise_decay:  # state only then, so checkpoints of the per-batch form stay loadable as they were

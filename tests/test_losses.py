@@ -68,6 +68,9 @@ def test_loss_values_match_reference_formulas():
     standardised = (targets - 1.0) / 2.0
     expected = ((predictions - standardised)[mask] ** 2).mean()
     torch.testing.assert_close(task_loss(SPECS["regression"], predictions, targets, mask), expected)
+    absolute = TaskSpec("r", "regression", target_mean=1.0, target_std=2.0, loss="l1")
+    expected = (predictions - standardised)[mask].abs().mean()
+    torch.testing.assert_close(task_loss(absolute, predictions, targets, mask), expected)
 
     smoothed = TaskSpec("c", "classification", num_labels=3, label_smoothing=0.2)
     expected = torch.nn.functional.cross_entropy(logits[mask], labels[mask], label_smoothing=0.2)

@@ -396,24 +396,29 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
         assert all(v == v for v in record["losses"].values())
 
 
-def test_classification_tasks_get_train_label_smoothing_unless_they_set_their_own(tiny_data, tmp_path):
-    """Inferred tasks: the classification is smoothed by train.label_smoothing (0 by default), the regression and
-    the multilabel task are not; a task's own label_smoothing wins."""
+def test_tasks_get_the_runs_label_smoothing_and_regression_loss_unless_they_set_their_own(tiny_data, tmp_path):
+    """Inferred tasks: the classification is smoothed by train.label_smoothing (0 by default) and the regression
+    trains on train.regression_loss; the other types get 0 and mse; a task's own value wins."""
 
-    def smoothing(out: Path, *options: str) -> dict:
+    def resolved(out: Path, *options: str) -> dict:
         args = ["--data.path", str(tiny_data), *TINY, "--train.max_steps", "1", "--train.output_dir", str(out)]
         assert _run([*args, *options]) == 0
-        return {t["name"]: t["label_smoothing"] for t in yaml.safe_load((out / "config.yaml").read_text())["tasks"]}
+        tasks = yaml.safe_load((out / "config.yaml").read_text())["tasks"]
+        return {t["name"]: (t["label_smoothing"], t["loss"]) for t in tasks}
 
-    assert smoothing(tmp_path / "default") == {"label": 0.0, "score": 0.0, "tags": 0.0}
-    smoothed = smoothing(tmp_path / "smoothed", "--train.label_smoothing", "0.2")
-    assert smoothed == {"label": 0.2, "score": 0.0, "tags": 0.0}
+    assert resolved(tmp_path / "default") == {"label": (0.0, "mse"), "score": (0.0, "mse"), "tags": (0.0, "mse")}
+    options = ["--train.label_smoothing", "0.2", "--train.regression_loss", "huber"]
+    assert resolved(tmp_path / "set", *options) == {
+        "label": (0.2, "mse"),
+        "score": (0.0, "huber"),
+        "tags": (0.0, "mse"),
+    }
     config = tmp_path / "tasks.yaml"
-    tasks = [{"name": "label", "label_smoothing": 0.05}, {"name": "score", "type": "regression"}]
+    tasks = [{"name": "label", "label_smoothing": 0.05}, {"name": "score", "type": "regression", "loss": "l1"}]
     config.write_text(yaml.safe_dump({"tasks": tasks}))
-    assert smoothing(tmp_path / "own", "--config", str(config), "--train.label_smoothing", "0.2") == {
-        "label": 0.05,
-        "score": 0.0,
+    assert resolved(tmp_path / "own", "--config", str(config), *options) == {
+        "label": (0.05, "mse"),
+        "score": (0.0, "l1"),
     }
 
 
