@@ -412,10 +412,11 @@ class TrainConfig:
     default_run_label_smoothing.json, default_run_label_smoothing01.json)."""
     regression_loss: Literal["mse", "huber", "l1"] = "mse"
     """The loss of every regression task that does not set its own (TaskSpec.loss): mse (squared error), huber, or
-    l1 (absolute error). l1, on the suite at ten passes (seed 0): textures' period MAE 0.028 against 0.053 with a
-    pattern task whose labels are noisy (delta-m +0.8 % against single-task models on l1 too), but glyphs' and
-    catalog's totals and the sample's background and pair tasks fell: an option, not the default
-    (benchmarks/results/recipes_regression_l1.md, default_run_regression_l1.json)."""
+    l1 (absolute error). l1, on the suite at ten passes: textures' period MAE 0.028 against 0.053 (seed 0) beside a
+    pattern task whose labels are noisy (delta-m +3.1 ± 3.2 % over seeds 0 and 1 against single-task models on l1
+    too), but glyphs' and catalog's totals and the sample's background and pair tasks fell: an option, not the
+    default (benchmarks/results/recipes_regression_l1.md, recipes_regression_l1_textures_seeds.md,
+    default_run_regression_l1.json)."""
     uncertainty_max_weight: float = 0.5
     """uncertainty: the largest weight a classification or multilabel task's learned weight may reach, as a multiple
     of its start (0: no bound). A cross-entropy that falls towards zero drives its weight up without end, and in the
