@@ -144,9 +144,8 @@ def fingerprint(config_file: Path, extra: list[str]) -> str:
     without a time limit, the number of threads: a run recorded under another fingerprint was trained differently
     and is not reused."""
     config = parse_args(["--config", str(config_file), *extra], prog="recipes.py")
-    tasks = with_run_defaults(
-        config.tasks, config.train.label_smoothing, config.train.regression_loss
-    )  # as train.py resolves them
+    # the tasks as train.py resolves them
+    tasks = with_run_defaults(config.tasks, config.train.label_smoothing, config.train.regression_loss)
     resolved = dataclasses.replace(config, tasks=tasks).to_dict()
     for key in ("output_dir", "seed", "label_smoothing", "regression_loss"):  # now in the tasks
         resolved["train"].pop(key)

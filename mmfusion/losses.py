@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from .config import TaskSpec
 
+POINTWISE_LOSSES = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}
+"""A regression's `TaskSpec.loss` -> its per-element loss; an unset loss (a spec built outside a run) is mse."""
+
 
 def default_label_mask(spec: TaskSpec, labels: torch.Tensor) -> torch.Tensor:
     """Which samples carry a label when no mask is given: class >= 0, finite targets, positive matching pairs."""
@@ -51,7 +54,7 @@ def regression_loss(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Ten
     """The head predicts standardised targets; labels arrive in their own units."""
     standardised = (torch.where(mask, labels, torch.zeros_like(labels)) - spec.target_mean) / spec.target_std
     standardised = torch.where(mask, standardised, predictions.detach()).to(predictions.dtype)
-    loss = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}[spec.loss or "mse"]
+    loss = POINTWISE_LOSSES[spec.loss or "mse"]
     return _masked_mean(loss(predictions, standardised, reduction="none"), mask)
 
 
@@ -111,7 +114,7 @@ def dense_regression_loss(spec: TaskSpec, predictions: torch.Tensor, labels: tor
         per_image = (square - SILOG_VARIANCE_FOCUS * mean**2).clamp(min=0) + 1e-8
         return _masked_mean(per_image.sqrt(), valid.flatten(1).any(1))
     standardised = (torch.where(valid, labels, spec.target_mean) - spec.target_mean) / spec.target_std
-    loss = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}[spec.loss or "mse"]
+    loss = POINTWISE_LOSSES[spec.loss or "mse"]
     return _masked_mean(loss(predictions, standardised.to(predictions.dtype), reduction="none"), valid)
 
 

@@ -212,8 +212,8 @@ def model_architecture(config: Config, init: Path | None) -> FusionConfig:
 def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
     size, longest text, the number of epochs when it follows the data size; with init_from, reused regression heads
-    keep the checkpoint's target statistics), each task's label smoothing and loss, and where the data came from (`data`
-    given in Python: its path, or a note that it was passed in memory)."""
+    keep the checkpoint's target statistics), each task's label smoothing and loss, and where the data came from
+    (`data` given in Python: its path, or a note that it was passed in memory)."""
     tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
     tasks = with_run_defaults(tasks, config.train.label_smoothing, config.train.regression_loss)
     model = dataclasses.replace(config.model, **prepared.model_settings)

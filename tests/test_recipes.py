@@ -127,12 +127,17 @@ def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read
         assert (prints[0] != prints[1]) == (task["type"] == reader), task
 
 
-def test_train_label_smoothing_shares_the_runs_of_the_task_option(tmp_path):
-    """train.label_smoothing reaches the tasks the task option does, so a recipe setting it shares that one's runs."""
+@pytest.mark.parametrize(
+    ("task_option", "train_option"),
+    [({"label_smoothing": 0.1}, {"label_smoothing": 0.1}), ({"loss": "l1"}, {"regression_loss": "l1"})],
+)
+def test_a_train_option_shares_the_runs_of_the_task_option(tmp_path, task_option, train_option):
+    """train.label_smoothing and train.regression_loss reach the tasks the task option does, so a recipe setting
+    one shares that one's runs."""
     limit = ["--train.time_limit", "60"]
     for task in SET_YAML["tasks"]:
         prints = []
-        for recipe in ({"task_options": {"label_smoothing": 0.1}}, {"train": {"label_smoothing": 0.1}}):
+        for recipe in ({"task_options": task_option}, {"train": train_option}):
             alone = tmp_path / f"{task['name']}-{len(prints)}.yaml"
             alone.write_text(yaml.safe_dump(merged_config(SET_YAML, recipe, [task])))
             prints.append(fingerprint(alone, limit))
