@@ -57,7 +57,7 @@ def test_device_crops_follow_the_host_crops(tmp_path, png_every):
     """The same crop boxes and flips from (seed, epoch, index) as the host path, resampled by another filter: far
     closer to the host's crops than another epoch's crops are; PNG rows (decoded by the loader) likewise."""
     data = _jpeg_folder(tmp_path / "data", png_every=png_every)
-    host, device = _prepare(data, None).datasets, _prepare(data, "device").datasets
+    host, device = _prepare(data, None, augment=True).datasets, _prepare(data, "device", augment=True).datasets
     assert device["train"].on_device and not device["validation"].on_device  # evaluation decodes on the host
     rows = list(range(10))
     pixels = {}
@@ -108,7 +108,7 @@ def test_each_crop_is_flipped_as_on_the_host(resize):
 
 def test_rows_without_an_image_are_blank_and_the_batch_keeps_its_order(tmp_path):
     data = _jpeg_folder(tmp_path / "data")
-    dataset = _prepare(data, "device").datasets["train"]
+    dataset = _prepare(data, "device", augment=True).datasets["train"]
     batch = Collator(0)(dataset.__getitems__([2, 0, 1]))
     batch["image_sources"][1] = None  # as a row with no image (or its image dropped) arrives
     pixels = DeviceDecoder(dataset.reader.processor, torch.device("cpu"))(batch)["pixel_values"]
@@ -121,7 +121,7 @@ def test_rows_without_an_image_are_blank_and_the_batch_keeps_its_order(tmp_path)
 def test_a_batch_the_decoder_refuses_is_decoded_on_the_host(tmp_path, monkeypatch):
     from mmfusion import device_decode
 
-    dataset = _prepare(_jpeg_folder(tmp_path / "data"), "device").datasets["train"]
+    dataset = _prepare(_jpeg_folder(tmp_path / "data"), "device", augment=True).datasets["train"]
     expected = _device_batch(dataset, [0, 1, 2])
 
     def refuse(*args, **kwargs):

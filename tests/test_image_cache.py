@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mmfusion.config import Config, DataConfig, FusionConfig, TaskSpec
 from mmfusion.prepare import build_splits
-from mmfusion.processing import FusionProcessor, ProcessorSettings, train_tokenizer
+from mmfusion.processing import FusionProcessor, ProcessorSettings, to_rgb, train_tokenizer
 
 SIZES_AND_MODES = [((40, 30), "RGB"), ((64, 64), "RGBA"), ((100, 80), "L"), ((33, 90), "P"), ((32, 32), "RGB")]
 
@@ -47,7 +47,7 @@ def _entries(cache: Path) -> dict[str, float]:
 
 def test_evaluation_pixels_are_the_uncached_pixels_bit_for_bit_and_training_crops_stay_close(tmp_path):
     data = _noisy_imagefolder(tmp_path / "data")
-    plain, cached = _prepare(data, None), _prepare(data, tmp_path / "cache")
+    plain, cached = _prepare(data, None, augment=True), _prepare(data, tmp_path / "cache", augment=True)
     validation = plain.datasets["validation"], cached.datasets["validation"]
     assert cached.datasets["validation"].images is not None
     for index in range(len(validation[0])):
@@ -72,6 +72,21 @@ def test_evaluation_pixels_are_the_uncached_pixels_bit_for_bit_and_training_crop
     same = np.mean([float((cached - plain).abs().mean()) for plain, cached in crops[3]])
     other = np.mean([float((cached - plain).abs().mean()) for (plain, _), (_, cached) in zip(crops[3], crops[4])])
     assert same < 0.4 * other, (same, other)
+
+
+def test_training_rows_keep_their_evaluation_pixels_unless_augment_is_on(tmp_path):
+    """data.augment is off by default: every epoch trains on the very pixels evaluation reads (no crop that enlarges
+    the picture or cuts off its border); with it on, each epoch's random crops differ from them."""
+    data = _noisy_imagefolder(tmp_path / "data")
+    for options, cropped in (({}, False), ({"augment": True}, True)):
+        train = _prepare(data, None, **options).datasets["train"]
+        images = [train.reader.image(row["image"], i) for i, row in enumerate(train.split)]
+        evaluation = [train.reader.processor.image_tensor(to_rgb(image)) for image in images]
+        for epoch in (0, 3):
+            train.set_epoch(epoch)
+            same = [torch.equal(train[i]["pixel_values"], pixels) for i, pixels in enumerate(evaluation)]
+            # a crop of 97-100 % of a side can round to the whole image: most rows, not all, are cropped
+            assert all(same) if not cropped else sum(same) < len(same) / 2, (options, epoch, same)
 
 
 @pytest.mark.parametrize("resize", ["squash", "shortest_edge"])
@@ -162,7 +177,7 @@ def test_training_through_the_cache_and_resuming_it(tmp_path):
 
     # With augmentation, a run resumed mid-epoch from the cache equals the straight run.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    saving = ["--train.save_every", "3", "--train.log_every", "1"]
+    saving = ["--data.augment", "true", "--train.save_every", "3", "--train.log_every", "1"]
     assert train_in_process([*common, *cache, *saving, "--train.output_dir", str(straight)]) == 0
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
     assert (

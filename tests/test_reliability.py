@@ -91,6 +91,8 @@ def test_kill_9_five_times_then_resume_ends_bit_identical(data, tmp_path):
         "2",
         "--train.loss_weighting",
         "gradnorm",
+        "--data.augment",
+        "true",
     ]
     straight = tmp_path / "straight"
     assert _run([*args, "--train.output_dir", str(straight)]) == 0
@@ -135,6 +137,8 @@ def test_a_kill_during_the_weighting_state_write_cannot_change_the_resume(data, 
         "9",
         "--train.loss_weighting",
         "gradnorm",
+        "--data.augment",
+        "true",
     ]
     straight = tmp_path / "straight"
     assert _run([*args, "--train.output_dir", str(straight)]) == 0

@@ -61,11 +61,11 @@ def test_a_training_stream_is_shuffled_per_epoch_and_split_among_processes(tmp_p
 
 def test_resuming_at_a_position_gives_the_rows_and_crops_the_pass_would_have_given(tmp_path):
     make_hub_repo(tmp_path, {"train": make_rows(24), "validation": make_rows(4, 100)}, shards=3)
-    stream = _stream(tmp_path, shuffle_buffer=6)
+    stream = _stream(tmp_path, shuffle_buffer=6, augment=True)
     stream.set_epoch(2)
     whole = list(stream)
     assert stream.position == 24
-    again = _stream(tmp_path, shuffle_buffer=6)
+    again = _stream(tmp_path, shuffle_buffer=6, augment=True)
     again.set_epoch(2)
     again.resume_at(9)
     rest = list(again)
@@ -89,6 +89,7 @@ def test_train_py_resumes_a_stream_mid_epoch_bit_identically(tmp_path):
     data = tmp_path / "data"
     make_hub_repo(data, {"train": make_rows(40), "validation": make_rows(6, 100)}, shards=4)
     args = ["--data.path", str(data), "--data.streaming", "true", "--data.shuffle_buffer", "16"]
+    args += ["--data.augment", "true"]  # each row's crop follows (seed, epoch, row): the resumed run must redraw it
     args += ["--model.image_widths", "8", "--model.text_dim", "16", "--model.dim", "32", "--model.image_size", "16"]
     args += ["--train.batch_size", "8", "--train.max_steps", "8", "--train.save_every", "3", "--train.log_every", "1"]
     args += ["--train.eval_every", "8", "--train.report", "false", "--train.keep_checkpoints", "3"]

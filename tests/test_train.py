@@ -108,6 +108,8 @@ def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
         "--data.path",
         str(tiny_data),
         *TINY,
+        "--data.augment",
+        "true",
         "--train.max_steps",
         "8",
         "--train.save_every",
