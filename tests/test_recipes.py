@@ -87,9 +87,9 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
     # regression_dropout came with a new default (0; before it, regression heads had model.dropout 0.1): at 0.1
     # the run trains as it did, and a set with a regression task gets a new fingerprint by default. model.dropout's
-    # default later became 0, so the run pins its 0.1 too, and data.augment's became false, so it pins true.
+    # default later became 0, so the run pins its 0.1 too.
     old_heads = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
-    as_before = [*old_heads, "--model.dropout", "0.1", "--data.augment", "true"]
+    as_before = [*old_heads, "--model.dropout", "0.1"]
     pinned = fingerprint(gradnorm, as_before)
     assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
     assert fingerprint(gradnorm, [*as_before, "--train.gradnorm_alpha", "0"]) != pinned
