@@ -85,6 +85,7 @@ SCREENS = (
     "towers_outcomes",
     "regression_l1",
     "no_augment",
+    "crop_area09",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -125,6 +126,7 @@ ADDED_SETTINGS = {
     ("train", "weighting_lr"): 0.0,
     ("train", "uncertainty_start"): "one",
     ("train", "uncertainty_max_weight"): 0.0,
+    ("data", "crop_area"): 0.8,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""

@@ -325,6 +325,9 @@ class DataConfig:
     against -3.3 %, but scenes' -6.9 ± 12.9 % against -1.6 ± 6.3 % and a lower mean normalised score over sixteen
     recipes (0.963 against 0.974, seed 0): an option, not the default (benchmarks/results/recipes_no_augment.md,
     recipes_no_augment_seeds.md, default_run_no_augment.json)."""
+    crop_area: float = 0.8
+    """Smallest share of a training image's area that its random crop keeps (1: the whole image, only flipped where
+    flips are on). A crop of area a is resized back, enlarging the picture by up to 1/sqrt(a)."""
     num_workers: int | None = None
     """DataLoader worker processes per training process. Unset: 4 on a CUDA device (at most its CPUs per process),
     so decoding overlaps the GPU's work; 0 on CPU, where workers would take the model's cores, and for streams."""

@@ -147,6 +147,7 @@ def check_values(config: Config) -> list[str]:
         (train.keep_checkpoints >= 1, f"--train.keep_checkpoints must be >= 1, got {train.keep_checkpoints}"),
         (0 < data.val_fraction < 1, f"--data.val_fraction must be in (0, 1), got {data.val_fraction}"),
         (data.max_text_length > 0, f"--data.max_text_length must be > 0, got {data.max_text_length}"),
+        (0 < data.crop_area <= 1, f"--data.crop_area must be in (0, 1], got {data.crop_area}"),
         (data.num_workers is None or data.num_workers >= 0, f"--data.num_workers must be >= 0, got {data.num_workers}"),
         (
             not (data.streaming and data.num_workers),

@@ -217,6 +217,7 @@ def image_settings_for(model: FusionConfig, data: DataConfig) -> dict[str, Any]:
     settings["image_size"] = model.image_size or settings.get("image_size", DEFAULT_IMAGE_SIZE)
     overrides = dict(mean=data.image_mean, std=data.image_std, interpolation=data.interpolation, crop_pct=data.crop_pct)
     settings.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+    settings["crop_scale"] = (data.crop_area, 1.0)
     return settings
 
 
