@@ -86,6 +86,8 @@ SCREENS = (
     "regression_l1",
     "no_augment",
     "crop_area09",
+    "no_augment_ls01",
+    "crop_area09_ls01",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
