@@ -137,6 +137,7 @@ def test_processor_settings_come_from_the_encoders_data_config(tiny_sources):
         "interpolation": "bilinear",
         "resize": "shortest_edge",
         "crop_pct": 0.95,
+        "crop_scale": (0.8, 1.0),
     }
     clip = resolve_pretrained(image_config("hf", tiny_sources["clip"]))
     assert image_settings_for(clip, data) == {
@@ -146,8 +147,11 @@ def test_processor_settings_come_from_the_encoders_data_config(tiny_sources):
         "interpolation": "bicubic",
         "resize": "shortest_edge",
         "crop_pct": 1.0,
+        "crop_scale": (0.8, 1.0),
     }
-    overridden = DataConfig(image_mean=[0.1, 0.2, 0.3], image_std=[1, 1, 1], interpolation="nearest", crop_pct=0.5)
+    overridden = DataConfig(
+        image_mean=[0.1, 0.2, 0.3], image_std=[1, 1, 1], interpolation="nearest", crop_pct=0.5, crop_area=0.6
+    )
     settings = image_settings_for(
         resolve_pretrained(image_config("hf", tiny_sources["clip"], image_size=48)), overridden
     )
@@ -158,6 +162,7 @@ def test_processor_settings_come_from_the_encoders_data_config(tiny_sources):
         "interpolation": "nearest",
         "resize": "shortest_edge",
         "crop_pct": 0.5,
+        "crop_scale": (0.6, 1.0),
     }
     plain = image_settings_for(resolve_pretrained(image_config("simple_cnn", None)), data)
     assert plain["image_size"] == 64 and plain["resize"] == "squash" and plain["interpolation"] == "bilinear"
