@@ -76,10 +76,10 @@ def test_evaluation_pixels_are_the_uncached_pixels_bit_for_bit_and_training_crop
 
 def test_training_rows_keep_their_evaluation_pixels_with_augment_off(tmp_path):
     """data.augment false, or crops that keep the whole area (data.crop_area 1): every epoch trains on the very
-    pixels evaluation reads (no crop that enlarges the picture or cuts off its border); by default each epoch's random
-    crops differ from them."""
+    pixels evaluation reads (no crop that enlarges the picture or cuts off its border), as by default; with augment
+    true each epoch's random crops differ from them."""
     data = _noisy_imagefolder(tmp_path / "data")
-    for options, cropped in (({"augment": False}, False), ({"crop_area": 1.0}, False), ({}, True)):
+    for options, cropped in (({}, False), ({"augment": True, "crop_area": 1.0}, False), ({"augment": True}, True)):
         train = _prepare(data, None, **options).datasets["train"]
         images = [train.reader.image(row["image"], i) for i, row in enumerate(train.split)]
         evaluation = [train.reader.processor.image_tensor(to_rgb(image)) for image in images]

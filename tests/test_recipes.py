@@ -87,9 +87,9 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
     # regression_dropout came with a new default (0; before it, regression heads had model.dropout 0.1): at 0.1
     # the run trains as it did, and a set with a regression task gets a new fingerprint by default. model.dropout's
-    # default later became 0, so the run pins its 0.1 too.
+    # default later became 0, so the run pins its 0.1 too, and likewise the random crops and no label smoothing.
     old_heads = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
-    as_before = [*old_heads, "--model.dropout", "0.1"]
+    as_before = [*old_heads, "--model.dropout", "0.1", "--data.augment", "true", "--train.label_smoothing", "0"]
     pinned = fingerprint(gradnorm, as_before)
     assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
     assert fingerprint(gradnorm, [*as_before, "--train.gradnorm_alpha", "0"]) != pinned
@@ -112,7 +112,7 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("option", "reader"), [({"label_smoothing": 0.1}, "classification"), ({"loss": "l1"}, "regression")]
+    ("option", "reader"), [({"label_smoothing": 0.2}, "classification"), ({"loss": "l1"}, "regression")]
 )
 def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read_it(tmp_path, option, reader):
     """A task field set on every task (a recipe's task_options) trains the other task types as before: their
@@ -129,7 +129,7 @@ def test_a_task_option_changes_only_the_fingerprints_of_the_task_types_that_read
 
 @pytest.mark.parametrize(
     ("task_option", "train_option"),
-    [({"label_smoothing": 0.1}, {"label_smoothing": 0.1}), ({"loss": "l1"}, {"regression_loss": "l1"})],
+    [({"label_smoothing": 0.2}, {"label_smoothing": 0.2}), ({"loss": "l1"}, {"regression_loss": "l1"})],
 )
 def test_a_train_option_shares_the_runs_of_the_task_option(tmp_path, task_option, train_option):
     """train.label_smoothing and train.regression_loss reach the tasks the task option does, so a recipe setting

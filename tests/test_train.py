@@ -400,7 +400,7 @@ def test_every_loss_weighting_trains_and_logs_its_weights(tiny_data, tmp_path, w
 
 
 def test_tasks_get_the_runs_label_smoothing_and_regression_loss_unless_they_set_their_own(tiny_data, tmp_path):
-    """Inferred tasks: the classification is smoothed by train.label_smoothing (0 by default) and the regression
+    """Inferred tasks: the classification is smoothed by train.label_smoothing (0.1 by default) and the regression
     trains on train.regression_loss; the other types get 0 and mse; a task's own value wins."""
 
     def resolved(out: Path, *options: str) -> dict:
@@ -409,7 +409,7 @@ def test_tasks_get_the_runs_label_smoothing_and_regression_loss_unless_they_set_
         tasks = yaml.safe_load((out / "config.yaml").read_text())["tasks"]
         return {t["name"]: (t["label_smoothing"], t["loss"]) for t in tasks}
 
-    assert resolved(tmp_path / "default") == {"label": (0.0, "mse"), "score": (0.0, "mse"), "tags": (0.0, "mse")}
+    assert resolved(tmp_path / "default") == {"label": (0.1, "mse"), "score": (0.0, "mse"), "tags": (0.0, "mse")}
     options = ["--train.label_smoothing", "0.2", "--train.regression_loss", "huber"]
     assert resolved(tmp_path / "set", *options) == {
         "label": (0.2, "mse"),
