@@ -178,7 +178,7 @@ class FusionConfig:
     size (the model's data config or image processor), the others 64."""
     image_pooling: Literal["mean", "max"] = "max"
     """simple_cnn, cnn_small/base and torchvision CNNs: feature map to one vector by mean, or max (the default: better
-    at small objects, and the better recipe on the benchmark suite, benchmarks/results/recipes.md).
+    at small objects, and the better recipe on the benchmark suite, benchmarks/results/recipes_dropout_v0.md).
     torchvision ViTs use their class token; timm and hf encoders their own pooling."""
     freeze_image: bool = False
     """Keep the image encoder's weights fixed."""
@@ -238,7 +238,8 @@ class FusionConfig:
     scored higher without it (benchmarks/results/recipes_no_dropout_suite.md; 0.1 before)."""
     regression_dropout: float = 0.0
     """Dropout in regression heads. Off by default: dropout before a regression output makes the predictions it
-    trains on noisier than those it is evaluated on (measured on the suite: benchmarks/results/recipes.md)."""
+    trains on noisier than those it is evaluated on (measured on the suite:
+    benchmarks/results/recipes_dropout_v0.md)."""
     tasks: tyro.conf.Suppress[list[TaskSpec]] = field(default_factory=list)
     """The tasks the model predicts. In a run configuration they are given at the top level (`tasks:`), and the
     trainer builds the model with them (`Config.model_config()`)."""
@@ -400,7 +401,8 @@ class TrainConfig:
     """Gradient clipping norm (0: no clipping)."""
     loss_weighting: WeightingName = "uncertainty"
     """How task losses combine: sum, uncertainty (the default: each task's loss scaled by a learned 1 / its typical
-    loss, so a task already fitted well, such as a regression, keeps improving; benchmarks/results/recipes.md),
+    loss, so a task already fitted well, such as a regression, keeps improving;
+    benchmarks/results/recipes_dropout_v0.md),
     nll (the joint negative log-likelihood of a row's labels: cross-entropies as they are, a multilabel loss times
     its number of labels, each regression's loss L weighted 0.5 / L at every step; the suite's best multi-task
     model against single-task ones under a time limit, but behind uncertainty without one and on the sample's

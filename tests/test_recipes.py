@@ -80,7 +80,7 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     # the defaults are part of the fingerprint: a recipe that spells out a default resolves the same
     assert fingerprint(files["b"], ["--train.time_limit", "60"]) == base
     assert fingerprint(files["c"], ["--train.time_limit", "60"]) != base
-    # The recorded runs (results/recipes_runs.jsonl) are matched by fingerprint: this one (GradNorm, the default
+    # The recorded runs (results/recipes_dropout_v0_runs.jsonl) are matched by fingerprint: this one (GradNorm, the default
     # then) was computed before --train.gradnorm_alpha existed. A new setting changes every fingerprint unless
     # recipes.ADDED_SETTINGS names the value that trains as before it existed; a changed default re-pins it.
     gradnorm = tmp_path / "gradnorm.yaml"
@@ -145,7 +145,8 @@ def test_a_train_option_shares_the_runs_of_the_task_option(tmp_path, task_option
 
 
 RECORDED_STUDIES = {
-    "recipes_runs.jsonl": ("dropout_v0", "dropout_v0"),
+    "recipes_runs.jsonl": ("default", "default"),
+    "recipes_dropout_v0_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_ten_passes_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_epochs_runs.jsonl": ("epochs_v1", "epochs_v1"),
     "recipes_ten_pass_screens_runs.jsonl": ("dropout_v0", "no_dropout"),
@@ -165,7 +166,8 @@ def test_recorded_studies_keep_their_fingerprints(tmp_path, runs_file):
     for run in runs:
         recorded[run["set"], run["recipe"]].add(run["fingerprint"])
     as_default, single_recipe = RECORDED_STUDIES[runs_file]
-    train_args = runs[0]["train_args"][4:]  # after --train.cpu_threads 0 --train.report false
+    threads = int(runs[0]["train_args"][1])  # --train.cpu_threads N --train.report false, then the study's options
+    train_args = runs[0]["train_args"][4:]
     time_limit = float(train_args[1]) if train_args[:1] == ["--train.time_limit"] else 0
     checked = 0
     for name in sorted({run["set"] for run in runs}):
@@ -179,7 +181,7 @@ def test_recorded_studies_keep_their_fingerprints(tmp_path, runs_file):
         compared = [r for r in RECIPES if r in labels and r not in SCREENS and r != "default"]
         options = {
             "seeds": [0],
-            "threads": 0,
+            "threads": threads,
             "time_limit": time_limit,
             "train_args": "" if time_limit else " ".join(train_args),
         }
