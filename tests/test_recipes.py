@@ -150,10 +150,11 @@ RECORDED_STUDIES = {
     "recipes_ten_passes_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_epochs_runs.jsonl": ("epochs_v1", "epochs_v1"),
     "recipes_ten_pass_screens_runs.jsonl": ("dropout_v0", "no_dropout"),
+    "recipes_weighting_180s_runs.jsonl": ("default", "default"),
 }
 """Studies on record -> the recipes that resolve today as their `default` did (the defaults have moved since) and as
-the recipe of their single-task models (all of them for the last: its screens compare against single-task models
-without dropout)."""
+the recipe of their single-task models (all of them for recipes_ten_pass_screens_runs.jsonl: its screens compare
+against single-task models without dropout)."""
 
 
 @pytest.mark.parametrize("runs_file", RECORDED_STUDIES)
