@@ -92,6 +92,7 @@ SCREENS = (
     "sum_v1",
     "gradnorm_v1",
     "nll_v1",
+    "gradnorm_floor025",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -125,6 +126,7 @@ def merged_config(set_yaml: dict, recipe: dict, tasks: list[dict] | None = None)
 
 ADDED_SETTINGS = {
     ("train", "gradnorm_alpha"): 1.5,
+    ("train", "gradnorm_min_weight"): 0.001,
     ("model", "regression_dropout"): 0.1,
     ("train", "nll_noise_decay"): 0.0,
     ("train", "epochs_at_3000_rows"): 5.0,
@@ -138,7 +140,11 @@ ADDED_SETTINGS = {
 fingerprint at that value, so the recorded runs keep theirs."""
 READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty_start"): "multilabel"}
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
-READ_BY_WEIGHTING = {("train", "uncertainty_start"): "uncertainty", ("train", "uncertainty_max_weight"): "uncertainty"}
+READ_BY_WEIGHTING = {
+    ("train", "uncertainty_start"): "uncertainty",
+    ("train", "uncertainty_max_weight"): "uncertainty",
+    ("train", "gradnorm_min_weight"): "gradnorm",
+}
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""
 TASK_FIELDS_READ_BY = {
     "label_smoothing": (0.0, ("classification", "segmentation")),

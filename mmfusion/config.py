@@ -447,6 +447,9 @@ class TrainConfig:
     gradnorm_alpha: float = 1.5
     """gradnorm: how much a task whose loss has fallen least gets a larger gradient share (Chen et al.'s alpha;
     0 makes the tasks' weighted gradient norms equal)."""
+    gradnorm_min_weight: float = 0.001
+    """gradnorm: the smallest weight a task may get (the weights average 1). At 0.001 a regression's weight falls
+    to it within a few hundred steps, as its squared error falls far faster than a cross-entropy."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -123,6 +123,10 @@ def check_values(config: Config) -> list[str]:
         (0 <= train.modality_dropout < 1, f"--train.modality_dropout must be in [0, 1), got {train.modality_dropout}"),
         (train.max_grad_norm >= 0, f"--train.max_grad_norm must be >= 0, got {train.max_grad_norm}"),
         (train.gradnorm_alpha >= 0, f"--train.gradnorm_alpha must be >= 0, got {train.gradnorm_alpha}"),
+        (
+            0 < train.gradnorm_min_weight < 1,
+            f"--train.gradnorm_min_weight must be in (0, 1), got {train.gradnorm_min_weight}",
+        ),
         (train.weighting_lr >= 0, f"--train.weighting_lr must be >= 0 (0: lr), got {train.weighting_lr}"),
         (0 <= train.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1), got {train.label_smoothing}"),
         (0 <= train.nll_noise_decay < 1, f"--train.nll_noise_decay must be in [0, 1), got {train.nll_noise_decay}"),

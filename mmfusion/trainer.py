@@ -90,6 +90,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
         config.tasks,
         cfg.seed,
         gradnorm_alpha=cfg.gradnorm_alpha,
+        gradnorm_min_weight=cfg.gradnorm_min_weight,
         nll_noise_decay=cfg.nll_noise_decay,
         uncertainty_start=cfg.uncertainty_start,
         uncertainty_max_weight=cfg.uncertainty_max_weight,

@@ -337,14 +337,17 @@ class MGDAWeighting(TorchJDWeighting):
 class GradNormWeighting(GradientWeighting):
     """GradNorm (Chen et al. 2018) on the shared representation: weights move so that each task's weighted
     gradient norm approaches the mean norm times its relative inverse training rate to the power `alpha` (0: the
-    norms are made equal, whatever each loss has done so far)."""
+    norms are made equal, whatever each loss has done so far). Each step clamps every weight at `min_weight`, then
+    rescales the weights to sum to the number of tasks: a squared error falls by orders of magnitude more than a
+    cross-entropy, so its training rate, and with it its weight, would otherwise fall to the clamp."""
 
     space = "representation"
     learning_rate = 0.025
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0, alpha: float = 1.5) -> None:
+    def __init__(self, tasks: list[TaskSpec], seed: int = 0, alpha: float = 1.5, min_weight: float = 1e-3) -> None:
         super().__init__(tasks, seed)
         self.alpha = alpha
+        self.min_weight = min_weight
         self.register_buffer("learned", torch.ones(len(tasks)))
         self.register_buffer("initial_loss", torch.zeros(len(tasks)))
 
@@ -361,7 +364,7 @@ class GradNormWeighting(GradientWeighting):
         rates = losses / start.clamp(min=1e-12)
         weighted = self.learned * norms
         target = mean(weighted) * (rates / mean(rates)) ** self.alpha
-        learned = (self.learned - self.learning_rate * torch.sign(weighted - target)).clamp(min=1e-3)
+        learned = (self.learned - self.learning_rate * torch.sign(weighted - target)).clamp(min=self.min_weight)
         learned = learned * active.sum() / torch.where(active, learned, 0.0).sum()
         self.learned = torch.where(active, learned, self.learned)
         return torch.where(active, self.learned, 0.0)
@@ -386,6 +389,7 @@ def build_weighting(
     tasks: list[TaskSpec],
     seed: int = 0,
     gradnorm_alpha: float = 1.5,
+    gradnorm_min_weight: float = 1e-3,
     nll_noise_decay: float = 0.0,
     uncertainty_start: str = "one",
     uncertainty_max_weight: float = 0.0,
@@ -395,7 +399,7 @@ def build_weighting(
     if name not in WEIGHTINGS:
         raise InputError(f"--train.loss_weighting {name!r} is not available; choose from {sorted(WEIGHTINGS)}")
     if name == "gradnorm":
-        return GradNormWeighting(tasks, seed, alpha=gradnorm_alpha)
+        return GradNormWeighting(tasks, seed, alpha=gradnorm_alpha, min_weight=gradnorm_min_weight)
     if name == "nll":
         return LikelihoodWeighting(tasks, seed, noise_decay=nll_noise_decay)
     if name == "uncertainty":

@@ -179,6 +179,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--data.num_workers", "-1"], "--data.num_workers must be >= 0, got -1"),
         (["--data.crop_area", "0"], "--data.crop_area must be in (0, 1], got 0.0"),
         (["--train.gradnorm_alpha", "-0.5"], "--train.gradnorm_alpha must be >= 0, got -0.5"),
+        (["--train.gradnorm_min_weight", "1"], "--train.gradnorm_min_weight must be in (0, 1), got 1.0"),
         (
             ["--train.loss_weighting", "nll", "--train.nll_noise_decay", "1"],
             "--train.nll_noise_decay must be in [0, 1), got 1.0",

@@ -240,6 +240,23 @@ def test_gradnorm_alpha_decides_whether_a_task_that_learned_faster_loses_weight(
     torch.testing.assert_close(weights[0.0], torch.ones(2))
 
 
+def test_gradnorm_min_weight_keeps_a_task_whose_loss_falls_fastest_in_play():
+    """Task a's loss falls 100x faster than b's, as a squared error does beside a cross-entropy: at the default
+    minimum its weight falls to the clamp; at 0.25 it stays near 0.25 (clamped there, then rescaled with b's so
+    that the two sum to 2)."""
+    z = torch.ones(3, requires_grad=True)
+    weights = {}
+    for min_weight in (1e-3, 0.25):
+        weighting = build_weighting("gradnorm", TASKS, gradnorm_min_weight=min_weight)
+        for step in range(80):
+            losses = {"a": z.sum() - 3 + 3 * 10 ** (-step / 4), "b": z.sum() - 3 + 3 * 10 ** (-step / 400)}
+            weighting.observe(losses, BOTH, [z], ONE_PROCESS)
+        weights[min_weight] = weighting.current
+        torch.testing.assert_close(weights[min_weight].sum(), torch.tensor(2.0))
+    assert weights[1e-3][0] < 0.01
+    assert 0.2 < weights[0.25][0] < 0.3
+
+
 def test_gradnorm_with_an_absent_task_updates_the_present_ones_as_if_alone():
     three = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
     with_absent, alone = build_weighting("gradnorm", three), build_weighting("gradnorm", [three[0], three[2]])
