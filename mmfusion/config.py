@@ -450,7 +450,9 @@ class TrainConfig:
     gradnorm_min_weight: float = 0.001
     """gradnorm: the smallest weight a task may get (the weights average 1). A squared error falls far faster than
     a cross-entropy, so at 0.001 a regression's weight falls to it: textures' period by step ~1,700 on the suite at
-    180 s, where at 0.25 the period's test R² was 0.989 against 0.964 (benchmarks/results/recipes_weighting_180s.md)."""
+    180 s, where at 0.25 the period's test R² was 0.989 against 0.964 (benchmarks/results/recipes_weighting_180s.md).
+    At ten passes GradNorm still loses the regressions at 0.25 (clutter's count R² 0.902 against the default's
+    0.999: recipes_ten_pass_gradnorm.md)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -338,8 +338,8 @@ class GradNormWeighting(GradientWeighting):
     """GradNorm (Chen et al. 2018) on the shared representation: weights move so that each task's weighted
     gradient norm approaches the mean norm times its relative inverse training rate to the power `alpha` (0: the
     norms are made equal, whatever each loss has done so far). Each step clamps every weight at `min_weight`, then
-    rescales the weights to sum to the number of tasks: a squared error falls by orders of magnitude more than a
-    cross-entropy, so its training rate, and with it its weight, would otherwise fall to the clamp."""
+    rescales the weights to sum to the number of tasks. A squared error falls by orders of magnitude more than a
+    cross-entropy, so a regression's training rate, and with it its weight, falls to that minimum."""
 
     space = "representation"
     learning_rate = 0.025
