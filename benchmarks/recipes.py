@@ -93,6 +93,8 @@ SCREENS = (
     "gradnorm_v1",
     "nll_v1",
     "gradnorm_floor025",
+    "regression_warmup03",
+    "regression_warmup06",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -135,10 +137,15 @@ ADDED_SETTINGS = {
     ("train", "uncertainty_start"): "one",
     ("train", "uncertainty_max_weight"): 0.0,
     ("data", "crop_area"): 0.8,
+    ("train", "regression_warmup"): 0.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
-READ_BY = {("model", "regression_dropout"): "regression", ("train", "uncertainty_start"): "multilabel"}
+READ_BY = {
+    ("model", "regression_dropout"): "regression",
+    ("train", "uncertainty_start"): "multilabel",
+    ("train", "regression_warmup"): "regression",
+}
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {
     ("train", "uncertainty_start"): "uncertainty",

@@ -453,6 +453,11 @@ class TrainConfig:
     180 s, where at 0.25 the period's test R² was 0.989 against 0.964 (benchmarks/results/recipes_weighting_180s.md).
     At ten passes GradNorm still loses the regressions at 0.25 (clutter's count R² 0.902 against the default's
     0.999: recipes_ten_pass_gradnorm.md)."""
+    regression_warmup: float = 0.0
+    """Share of the planned steps over which each regression's gradient into the model rises linearly from 0 to
+    all of it (0: all of it from the first step). A squared error fits fast and, early on, takes the shared
+    encoders from a classification still at chance; the learned weights see the whole loss throughout, so the
+    regression's weight is where it would have been once the warm-up ends."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -127,6 +127,15 @@ def check_values(config: Config) -> list[str]:
             0 < train.gradnorm_min_weight < 1,
             f"--train.gradnorm_min_weight must be in (0, 1), got {train.gradnorm_min_weight}",
         ),
+        (
+            0 <= train.regression_warmup <= 1,
+            f"--train.regression_warmup must be in [0, 1], got {train.regression_warmup}",
+        ),
+        (
+            not train.regression_warmup or train.loss_weighting != "gls",
+            "--train.regression_warmup does not apply to --train.loss_weighting gls (one geometric mean of all "
+            "the losses); choose another weighting or leave it at 0",
+        ),
         (train.weighting_lr >= 0, f"--train.weighting_lr must be >= 0 (0: lr), got {train.weighting_lr}"),
         (0 <= train.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1), got {train.label_smoothing}"),
         (0 <= train.nll_noise_decay < 1, f"--train.nll_noise_decay must be in [0, 1), got {train.nll_noise_decay}"),

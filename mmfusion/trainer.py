@@ -42,6 +42,7 @@ from .training import (
     build_scheduler,
     epochs_for,
     load_training_state,
+    regression_share,
     resolve_resume,
     seed_step,
     set_cpu_threads,
@@ -143,6 +144,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
             for batch in loop.batches():
                 seed_step(cfg.seed, state.epoch, state.batches_in_epoch, accelerator.process_index)
                 unwrapped.aux_scale = aux_scale(cfg.aux_schedule, state.step, loop.plan.total)
+                weighting.regression_share = regression_share(cfg.regression_warmup, state.step, loop.plan.total)
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model), ddp_sync_disabled(accelerator, model, weighting):
                     labels = {"labels": batch["labels"], "label_mask": batch["label_mask"]}

@@ -155,6 +155,14 @@ def aux_scale(schedule: str, step: int, total_steps: int) -> float:
     return 1.0
 
 
+def regression_share(warmup: float, step: int, total_steps: int) -> float:
+    """Share of each regression's gradient that reaches the model at `step`: rising linearly from 0 to 1 over the
+    first `warmup` of the planned steps (1 throughout at warmup 0)."""
+    if not warmup:
+        return 1.0
+    return min(1.0, step / max(1.0, warmup * total_steps))
+
+
 def set_cpu_threads(accelerator, requested: int) -> None:
     """On CPU, use the physical cores (split among local processes) unless a thread count is requested."""
     if accelerator.device.type != "cpu":

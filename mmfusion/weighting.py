@@ -24,6 +24,9 @@ class LossWeighting(nn.Module):
     `forward(task_losses, present, step)` returns the loss to back-propagate. A task that is not `present` (no
     labels in the batch) drops out of the combination. `weights` keeps the last effective weight of each task,
     for logging. State (buffers, parameters) is saved as safetensors beside a training checkpoint.
+
+    `regression_share` s < 1 passes only s of each regression's gradient to the model (train.regression_warmup):
+    the combined loss's value, and the gradient a learned weight gets, stay whole.
     """
 
     FILE = "loss_weighting.safetensors"
@@ -35,6 +38,9 @@ class LossWeighting(nn.Module):
         self.seed = seed
         self.register_buffer("static", torch.tensor([t.weight for t in tasks], dtype=torch.float32))
         self.register_buffer("weights", self.static.clone())
+        regression = [t.type in ("regression", "dense_regression") for t in tasks]
+        self.register_buffer("regression", torch.tensor(regression), persistent=False)
+        self.regression_share = 1.0  # of each regression's gradient that reaches the model; the trainer ramps it
 
     def task_weights(self, losses: torch.Tensor, present: torch.Tensor, step: int) -> torch.Tensor:
         return self.static
@@ -45,10 +51,11 @@ class LossWeighting(nn.Module):
     def forward(self, task_losses: dict[str, torch.Tensor], present: torch.Tensor, step: int) -> torch.Tensor:
         losses = torch.stack([task_losses[name].float() for name in self.names])
         weights = torch.where(present, self.task_weights(losses, present, step), torch.zeros_like(losses))
-        self.weights = weights.detach()
+        share = torch.where(self.regression, self.regression_share, 1.0)
+        self.weights = (weights * share).detach()
         # An absent task's loss is an exact zero still tied to its head: weight 0 keeps every parameter in the
         # graph, which DDP requires of all processes.
-        return (weights * losses).sum() + self.regulariser(present)
+        return (weights * (share * losses + (1 - share) * losses.detach())).sum() + self.regulariser(present)
 
     def observe_losses(self, task_losses: dict[str, torch.Tensor], present: torch.Tensor, accelerator) -> None:
         """Called on every process before each combination, for running statistics of the losses."""

@@ -180,6 +180,11 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--data.crop_area", "0"], "--data.crop_area must be in (0, 1], got 0.0"),
         (["--train.gradnorm_alpha", "-0.5"], "--train.gradnorm_alpha must be >= 0, got -0.5"),
         (["--train.gradnorm_min_weight", "1"], "--train.gradnorm_min_weight must be in (0, 1), got 1.0"),
+        (["--train.regression_warmup", "1.5"], "--train.regression_warmup must be in [0, 1], got 1.5"),
+        (
+            ["--train.loss_weighting", "gls", "--train.regression_warmup", "0.3"],
+            "--train.regression_warmup does not apply to --train.loss_weighting gls",
+        ),
         (
             ["--train.loss_weighting", "nll", "--train.nll_noise_decay", "1"],
             "--train.nll_noise_decay must be in [0, 1), got 1.0",
@@ -454,6 +459,18 @@ def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_pat
     assert _run([*args, "--train.uncertainty_max_weight", "0.5"]) == 0
     expected = {"label": 0.5, "score": 1.0, "tags": labels["tags"] / 2}
     assert _records(bounded, "train")[0]["weights"] == pytest.approx(expected)
+
+
+def test_regression_warmup_ramps_the_regressions_share_over_the_planned_steps(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--train.max_steps", "4", "--train.log_every", "1", "--train.loss_weighting", "sum"]
+    assert (
+        _run(["--data.path", str(tiny_data), *args, "--train.regression_warmup", "0.5", "--train.output_dir", str(out)])
+        == 0
+    )
+    weights = [record["weights"] for record in _records(out, "train")]
+    assert [w["score"] for w in weights] == pytest.approx([0.0, 0.5, 1.0, 1.0])  # the regression: steps 0-3 of 4
+    assert [w["label"] for w in weights] == pytest.approx([1.0] * 4)
 
 
 def test_streaming_data_trains_with_max_steps(tiny_data, tmp_path, capsys):

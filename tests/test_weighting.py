@@ -14,7 +14,7 @@ from helpers import tiny_batch, tiny_config
 
 from mmfusion import FusionModel, TaskSpec
 from mmfusion.config import TrainConfig
-from mmfusion.training import build_optimizer
+from mmfusion.training import build_optimizer, regression_share
 from mmfusion.weighting import WEIGHTINGS, build_weighting
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
@@ -140,6 +140,38 @@ def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regress
     assert weighting.log_variance.grad[0] == 0.0 and weighting.log_variance.grad[2] != 0.0
     fit_weights(weighting, losses, ALL_THREE, steps=1)
     assert weighting.log_variance[0] == stuck[0]
+
+
+@pytest.mark.parametrize("name", ["sum", "uncertainty", "gradnorm"])
+def test_a_regression_share_scales_only_the_regressions_gradient_into_the_model(name):
+    """At share s the model gets s of each regression's gradient and all of the classifications'; the loss's value
+    and a learned weight's gradient are what they are at share 1."""
+    w = torch.ones(3, requires_grad=True)
+    losses = {"c": 2 * w[0], "m": 3 * w[1], "r": 5 * w[2]}
+
+    def combine(share):
+        weighting = build_weighting(name, THREE_TYPES)
+        weighting.regression_share = share
+        if weighting.needs_gradients:
+            weighting.space = "parameters"
+            weighting.observe(losses, ALL_THREE, [w], ONE_PROCESS)
+        w.grad = None
+        loss = weighting(losses, ALL_THREE, step=0)
+        loss.backward(retain_graph=True)
+        learned = [p.grad.clone() for p in weighting.parameters()]
+        return loss.detach(), w.grad.clone(), weighting.weights, learned
+
+    whole, quarter = combine(1.0), combine(0.25)
+    torch.testing.assert_close(quarter[0], whole[0])
+    torch.testing.assert_close(quarter[1], whole[1] * torch.tensor([1.0, 1.0, 0.25]))
+    torch.testing.assert_close(quarter[2], whole[2] * torch.tensor([1.0, 1.0, 0.25]))  # logged: what the model got
+    for learned_quarter, learned_whole in zip(quarter[3], whole[3]):
+        torch.testing.assert_close(learned_quarter, learned_whole)
+
+
+def test_the_regression_share_rises_linearly_over_the_warmup():
+    assert [regression_share(0.5, step, 100) for step in (0, 25, 50, 80)] == [0.0, 0.5, 1.0, 1.0]
+    assert regression_share(0.0, 0, 100) == 1.0
 
 
 def test_the_default_training_config_holds_classification_weights_at_half_their_outcome_counts():
