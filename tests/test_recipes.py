@@ -151,6 +151,7 @@ RECORDED_STUDIES = {
     "recipes_epochs_runs.jsonl": ("epochs_v1", "epochs_v1"),
     "recipes_ten_pass_screens_runs.jsonl": ("dropout_v0", "no_dropout"),
     "recipes_weighting_180s_runs.jsonl": ("default", "default"),
+    "recipes_short_budget_180s_runs.jsonl": ("default", "default"),
 }
 """Studies on record -> the recipes that resolve today as their `default` did (the defaults have moved since) and as
 the recipe of their single-task models (all of them for recipes_ten_pass_screens_runs.jsonl: its screens compare
