@@ -457,9 +457,9 @@ class TrainConfig:
     """Share of the planned steps over which each regression's gradient into the model rises linearly from 0 to
     all of it (0: all of it from the first step); the learned weights see the whole loss throughout. Meant to keep
     a regression that fits fast from taking the shared encoders from a classification still at chance, early on.
-    Not the default: on the suite at 180 s a run, glyphs' digit stayed at chance with 0.3 (macro-F1 0.089 against
-    the default's 0.889, seed 0), since there the regression on digit + number is what teaches the digit
-    (benchmarks/results/recipes_short_budget_180s.md)."""
+    Not the default: on the suite at 180 s a run, glyphs' digit stayed at chance with 0.3 (macro-F1 0.088 ± 0.003
+    over seeds 0 and 1, against the default's 0.488 ± 0.566), since there the regression on digit + number is what
+    teaches the digit (benchmarks/results/recipes_short_budget_180s.md)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

@@ -17,6 +17,8 @@ from torch import nn
 from .config import TaskSpec
 from .errors import InputError
 
+REGRESSION_TYPES = ("regression", "dense_regression")
+
 
 class LossWeighting(nn.Module):
     """`sum`: each task's loss times its TaskSpec weight. Subclasses learn or adapt the weights.
@@ -38,7 +40,7 @@ class LossWeighting(nn.Module):
         self.seed = seed
         self.register_buffer("static", torch.tensor([t.weight for t in tasks], dtype=torch.float32))
         self.register_buffer("weights", self.static.clone())
-        regression = [t.type in ("regression", "dense_regression") for t in tasks]
+        regression = [t.type in REGRESSION_TYPES for t in tasks]
         self.register_buffer("regression", torch.tensor(regression), persistent=False)
         self.regression_share = 1.0  # of each regression's gradient that reaches the model; the trainer ramps it
 
@@ -111,8 +113,9 @@ class LikelihoodWeighting(LossWeighting):
 
     def __init__(self, tasks: list[TaskSpec], seed: int = 0, noise_decay: float = 0.0) -> None:
         super().__init__(tasks, seed)
-        regression = ("regression", "dense_regression")
-        self.factors = [LIKELIHOOD_FACTORS.get(t.loss or "mse", 0.0) if t.type in regression else 0.0 for t in tasks]
+        self.factors = [
+            LIKELIHOOD_FACTORS.get(t.loss or "mse", 0.0) if t.type in REGRESSION_TYPES else 0.0 for t in tasks
+        ]
         self.outcomes = outcome_counts(tasks)
         self.noise_decay = noise_decay
         if noise_decay:  # state only then, so checkpoints of the per-batch form stay loadable as they were
