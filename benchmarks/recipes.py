@@ -141,6 +141,8 @@ ADDED_SETTINGS = {
     ("train", "uncertainty_max_weight"): 0.0,
     ("data", "crop_area"): 0.8,
     ("train", "regression_warmup"): 0.0,
+    ("train", "matching_memory"): 0,
+    ("train", "matching_negatives"): "pairs",
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
@@ -148,6 +150,8 @@ READ_BY = {
     ("model", "regression_dropout"): "regression",
     ("train", "uncertainty_start"): "multilabel",
     ("train", "regression_warmup"): "regression",
+    ("train", "matching_memory"): "matching",
+    ("train", "matching_negatives"): "matching",
 }
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {

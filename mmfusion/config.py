@@ -460,6 +460,19 @@ class TrainConfig:
     Not the default: on the suite at 180 s a run, glyphs' digit stayed at chance with 0.3 (macro-F1 0.088 ± 0.003
     over seeds 0 and 1, against the default's 0.488 ± 0.566), since there the regression on digit + number is what
     teaches the digit (benchmarks/results/recipes_short_budget_180s.md)."""
+    matching_negatives: Literal["pairs", "rows"] = "pairs"
+    """What each true pair of a matching task ranks its partner against in training: the batch's other true pairs
+    (pairs), or every row's image and text (rows: a row whose label says its text does not match its image still
+    has an image and a text unlike the pair's, so a batch where half the rows are true pairs gives twice the
+    negatives). Not the default: on the sample at a batch of 16, rows gave pair recall@5 0.824 ± 0.005 on test
+    (three seeds) against 0.810 ± 0.009 with pairs, where a batch of 32 gives 0.884 ± 0.028
+    (benchmarks/results/default_run_batch16_rows.json, default_run_batch16.json, default_run_batch32_same_day.json)."""
+    matching_memory: int = 0
+    """True pairs from earlier training batches that each matching task's contrastive loss also ranks as
+    candidates (their embeddings, without gradient; newest first); 0: the batch's own only. Not the default: on the
+    sample at a batch of 16, pair recall@5 on test (three seeds) was 0.835 ± 0.032 with 16 remembered and
+    0.736 ± 0.039 with 48, against 0.810 ± 0.009 with none: embeddings from an encoder that has moved since do not
+    stand in for a larger batch (benchmarks/results/default_run_batch16_memory16.json, ..._memory48.json)."""
     without: Literal["none", "image", "text"] = "none"
     """Train and evaluate without this modality (its learned placeholder instead): single-modality baselines."""
     aux_schedule: Literal["constant", "linear_decay", "cosine_decay"] = "constant"

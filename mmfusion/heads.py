@@ -65,6 +65,9 @@ class MatchingHead(nn.Module):
         # shape [1], not 0-d: FSDP shards no 0-d parameters
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.zeros(1)) if dual else None
+        self.negatives = "pairs"  # the batch's rows its training loss ranks against (train.matching_negatives)
+        self.memory_size = 0  # true pairs kept from earlier training batches as extra candidates (the trainer sets it)
+        self.memory: torch.Tensor | None = None  # [M, 2 * dim]: their image then text embeddings, without gradient
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         vector_temperatures(state_dict, prefix)  # also for training states that accelerate loads
@@ -92,6 +95,24 @@ class MatchingHead(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.similarity(*self.embed(image, text))
+
+    def memory_logits(
+        self, image_embedding: torch.Tensor, text_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[B, M] logits of each image against the remembered texts and of each text against the remembered images
+        (None while nothing is remembered)."""
+        if self.memory is None:
+            return None
+        image_memory, text_memory = self.memory.chunk(2, dim=-1)
+        return self.similarity(image_embedding, text_memory), self.similarity(image_memory, text_embedding).T
+
+    def remember(self, image_embedding: torch.Tensor, text_embedding: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep the newest `memory_size` true pairs (mask: which rows are), newest first, without gradient."""
+        if not self.memory_size:
+            return
+        pairs = torch.cat([image_embedding, text_embedding], dim=-1)[mask].detach()
+        kept = pairs if self.memory is None else torch.cat([pairs, self.memory])
+        self.memory = kept[: self.memory_size]
 
 
 HEADS = {

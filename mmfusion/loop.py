@@ -299,7 +299,9 @@ class Loop:
         if self.streaming:
             self.state.stream_rows = stream_positions(self.train_set)
         started = time.perf_counter()
-        save_training_state(self.accelerator, self.output_dir, self.state, self.cfg.keep_checkpoints, self.weighting)
+        save_training_state(
+            self.accelerator, self.output_dir, self.state, self.cfg.keep_checkpoints, self.weighting, self.model
+        )
         self.paused += time.perf_counter() - started
 
     def resume_stream(self) -> None:

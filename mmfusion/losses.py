@@ -58,13 +58,29 @@ def regression_loss(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Ten
     return _masked_mean(loss(predictions, standardised, reduction="none"), mask)
 
 
-def matching_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-    """Symmetric InfoNCE over the true pairs in the batch; other rows are neither queries nor candidates."""
-    hidden = ~(mask[None, :] & mask[:, None]) & ~torch.eye(len(mask), dtype=torch.bool, device=mask.device)
-    logits = logits.float().masked_fill(hidden, torch.finfo(torch.float32).min)
+def matching_loss(
+    spec: TaskSpec,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    memory_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    negatives: str = "pairs",
+):
+    """Symmetric InfoNCE: each true pair ranks its partner among the batch's true pairs (negatives "pairs": other
+    rows are neither queries nor candidates) or among every row's image and text ("rows").
+    `memory_logits` ([B, M] images against remembered texts, texts against remembered images) add the true pairs
+    of earlier batches as further candidates (train.matching_memory)."""
+    logits = logits.float()
+    if negatives == "pairs":
+        hidden = ~(mask[None, :] & mask[:, None]) & ~torch.eye(len(mask), dtype=torch.bool, device=mask.device)
+        logits = logits.masked_fill(hidden, torch.finfo(torch.float32).min)
+    image_rows, text_rows = logits, logits.T
+    if memory_logits is not None:
+        image_rows = torch.cat([image_rows, memory_logits[0].float()], dim=1)
+        text_rows = torch.cat([text_rows, memory_logits[1].float()], dim=1)
     targets = torch.arange(len(mask), device=logits.device)
-    per_sample = F.cross_entropy(logits, targets, reduction="none") + F.cross_entropy(
-        logits.T, targets, reduction="none"
+    per_sample = F.cross_entropy(image_rows, targets, reduction="none") + F.cross_entropy(
+        text_rows, targets, reduction="none"
     )
     return _masked_mean(per_sample / 2, mask)
 

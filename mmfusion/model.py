@@ -29,7 +29,7 @@ from .fusions import FusedOutput, build_fusion
 from .heads import build_head, vector_temperatures
 from .image_encoders import build_image_encoder
 from .layers import EncoderOutput, feature_maps
-from .losses import default_label_mask, task_loss
+from .losses import default_label_mask, matching_loss, task_loss
 from .pretrained import DEFAULT_IMAGE_SIZE, dual_source, init_matching_head, resolve_pretrained
 from .text_encoders import build_text_encoder
 
@@ -229,13 +229,14 @@ class FusionModel(nn.Module):
             extras["image_maps"] = encoded["image"].maps
         output = FusionOutput(logits=logits, fused=fused.features, extras=extras)
         if labels is not None:
-            output.task_losses = self._task_losses(fused, logits, dense_aux, labels, label_mask or {})
+            output.task_losses = self._task_losses(fused, logits, embeddings, dense_aux, labels, label_mask or {})
             output.loss = sum(self.tasks[name].weight * loss for name, loss in output.task_losses.items())
         return output
 
-    def _task_losses(self, fused, logits, dense_aux, labels, label_mask) -> dict[str, torch.Tensor]:
+    def _task_losses(self, fused, logits, embeddings, dense_aux, labels, label_mask) -> dict[str, torch.Tensor]:
         """Each labelled task's masked loss; in training, plus its deep-supervision heads' losses (1/2^k): heads on
-        earlier fusion layers, or a dense head's outputs at earlier decoder stages."""
+        earlier fusion layers, or a dense head's outputs at earlier decoder stages; a matching task's loss then ranks
+        what its head's training options add (train.matching_negatives, train.matching_memory)."""
         losses = {}
         for spec in self.config.tasks:
             if spec.name not in labels:
@@ -243,7 +244,13 @@ class FusionModel(nn.Module):
             target = labels[spec.name]
             mask = label_mask.get(spec.name)
             mask = default_label_mask(spec, target) if mask is None else mask.bool()
-            loss = task_loss(spec, logits[spec.name], target, mask)
+            if spec.type == "matching" and self.training:
+                head, (image, text) = self.heads[spec.name], embeddings[spec.name].chunk(2, dim=-1)
+                memory_logits = head.memory_logits(image, text)
+                loss = matching_loss(spec, logits[spec.name], target, mask, memory_logits, head.negatives)
+                head.remember(image, text, mask)
+            else:
+                loss = task_loss(spec, logits[spec.name], target, mask)
             for k, aux_logits in enumerate(dense_aux.get(spec.name, []), start=1):
                 loss = loss + self.aux_scale * 0.5**k * task_loss(spec, aux_logits, target, mask)
             if self.training and spec.name in self.aux_heads:

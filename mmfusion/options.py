@@ -136,6 +136,7 @@ def check_values(config: Config) -> list[str]:
             "--train.regression_warmup does not apply to --train.loss_weighting gls (one geometric mean of all "
             "the losses); choose another weighting or leave it at 0",
         ),
+        (train.matching_memory >= 0, f"--train.matching_memory must be >= 0, got {train.matching_memory}"),
         (train.weighting_lr >= 0, f"--train.weighting_lr must be >= 0 (0: lr), got {train.weighting_lr}"),
         (0 <= train.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1), got {train.label_smoothing}"),
         (0 <= train.nll_noise_decay < 1, f"--train.nll_noise_decay must be in [0, 1), got {train.nll_noise_decay}"),

@@ -85,6 +85,10 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     model = FusionModel(config.model_config(), encoder_weights=init is None)
     if init:
         log(load_compatible(model, init))
+    for spec in config.tasks:
+        if spec.type == "matching":
+            model.heads[spec.name].memory_size = cfg.matching_memory
+            model.heads[spec.name].negatives = cfg.matching_negatives
     collate = use_feature_cache(model, prepared, config, accelerator)
     weighting = build_weighting(
         cfg.loss_weighting,
@@ -120,7 +124,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
     # ---- outputs and resume
     checkpoint = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
     if checkpoint:
-        loop.state = load_training_state(accelerator, checkpoint, weighting)
+        loop.state = load_training_state(accelerator, checkpoint, weighting, model)
         loop.plan.total = loop.state.total_steps or loop.plan.total
         loop.resume_stream()
         log(f"resumed from {checkpoint} at step {loop.state.step}")

@@ -1,9 +1,9 @@
 """What the training loop uses besides data and model: optimizer groups, the learning-rate schedule, fitting a run
 into a time budget, per-batch seeding, and the training state it saves and resumes.
 
-Training state lives in `output_dir/checkpoints/step_N/` (accelerate's `save_state`, the loss weighting's state and
-`trainer_state.json`); each is written to a hidden temporary directory first and renamed, so `latest` never picks
-a half-written one.
+Training state lives in `output_dir/checkpoints/step_N/` (accelerate's `save_state`, the loss weighting's state,
+each process's matching memories and `trainer_state.json`); each is written to a hidden temporary directory first
+and renamed, so `latest` never picks a half-written one.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
 from .errors import CheckpointWriteError, InputError
@@ -26,6 +27,8 @@ from .model import FusionModel
 from .pretrained import timm_has_weights
 
 STATE_NAME = "trainer_state.json"
+MEMORY_NAME = "matching_memory_{}.safetensors"
+"""A process's matching heads' remembered pairs (train.matching_memory), by process index."""
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -254,9 +257,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
-def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep: int, weighting) -> Path:
-    """accelerate's save_state and the loss weighting's state into a temporary directory, renamed to step_N once
-    complete; keeps the last `keep`."""
+def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep: int, weighting, model) -> Path:
+    """accelerate's save_state, the loss weighting's state and the matching memories into a temporary directory,
+    renamed to step_N once complete; keeps the last `keep`."""
     root = output_dir / "checkpoints"
     final = root / f"step_{state.step}"
     staging = root / f".step_{state.step}.tmp"
@@ -266,6 +269,7 @@ def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(staging))
+        save_matching_memories(accelerator.unwrap_model(model), staging / MEMORY_NAME.format(accelerator.process_index))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             weighting.save(staging)
@@ -285,10 +289,25 @@ def save_training_state(accelerator, output_dir: Path, state: TrainerState, keep
     return final
 
 
-def load_training_state(accelerator, directory: Path, weighting) -> TrainerState:
+def load_training_state(accelerator, directory: Path, weighting, model) -> TrainerState:
     weighting.load(directory)
     accelerator.load_state(str(directory))
+    load_matching_memories(accelerator.unwrap_model(model), directory / MEMORY_NAME.format(accelerator.process_index))
     return TrainerState(**json.loads((directory / STATE_NAME).read_text()))
+
+
+def save_matching_memories(model: FusionModel, path: Path) -> None:
+    """The pairs each matching head remembers, so that a resumed run ranks the same candidates (none: no file)."""
+    memories = {name: head.memory for name, head in model.heads.items() if getattr(head, "memory", None) is not None}
+    if memories:
+        save_file({name: memory.detach().cpu().contiguous() for name, memory in memories.items()}, path)
+
+
+def load_matching_memories(model: FusionModel, path: Path) -> None:
+    if path.is_file():
+        device = next(model.parameters()).device
+        for name, memory in load_file(path).items():
+            model.heads[name].memory = memory.to(device)
 
 
 class StopSignal:

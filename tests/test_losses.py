@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmfusion import TaskSpec
-from mmfusion.losses import default_label_mask, task_loss
+from mmfusion.heads import MatchingHead
+from mmfusion.losses import default_label_mask, matching_loss, task_loss
 
 SPECS = {
     "classification": TaskSpec("c", "classification", num_labels=3),
@@ -87,6 +88,61 @@ def test_matching_loss_prefers_aligned_pairs():
     mask, labels = torch.ones(4, dtype=torch.bool), torch.ones(4)
     assert task_loss(SPECS["matching"], aligned, labels, mask) < 0.01
     assert task_loss(SPECS["matching"], shuffled, labels, mask) > 5
+
+
+def test_remembered_pairs_are_further_candidates_of_both_directions():
+    """With memory logits the loss is InfoNCE over the batch's and the remembered pairs together, each batch row
+    ranking its partner among all of them (rows and columns of the whole similarity matrix)."""
+    torch.manual_seed(0)
+    head = MatchingHead(6, 5, 8)
+    head.memory_size = 3
+    image, text = head.embed(torch.randn(7, 6), torch.randn(7, 5))  # rows 0-3 the batch, 4-6 remembered
+    head.remember(image[4:], text[4:], torch.ones(3, dtype=torch.bool))
+    batch, mask = slice(0, 4), torch.ones(4, dtype=torch.bool)
+    loss = matching_loss(
+        SPECS["matching"],
+        head.similarity(image[batch], text[batch]),
+        torch.ones(4),
+        mask,
+        head.memory_logits(image[batch], text[batch]),
+    )
+    whole = head.similarity(image, text)
+    targets = torch.arange(4)
+    f = torch.nn.functional
+    expected = (f.cross_entropy(whole[:4], targets) + f.cross_entropy(whole.T[:4], targets)) / 2
+    torch.testing.assert_close(loss, expected)
+    alone = task_loss(SPECS["matching"], head.similarity(image[batch], text[batch]), torch.ones(4), mask)
+    assert alone < loss  # more candidates, a harder ranking
+
+
+def test_rows_that_are_no_true_pair_can_be_negatives_but_not_queries():
+    torch.manual_seed(0)
+    logits, mask = torch.randn(4, 4) * 3, torch.tensor([True, False, True, True])
+    loss = matching_loss(SPECS["matching"], logits, torch.tensor([1, 0, 1, 1]), mask, negatives="rows")
+    f, rows = torch.nn.functional, torch.tensor([0, 2, 3])
+    expected = (f.cross_entropy(logits[rows], rows) + f.cross_entropy(logits.T[rows], rows)) / 2
+    torch.testing.assert_close(loss, expected)
+    pairs = torch.tensor([0, 2, 3])[:, None], torch.tensor([0, 2, 3])  # row 1 hidden both ways
+    only_pairs = (
+        f.cross_entropy(logits[pairs], torch.arange(3)) + f.cross_entropy(logits.T[pairs], torch.arange(3))
+    ) / 2
+    torch.testing.assert_close(matching_loss(SPECS["matching"], logits, torch.tensor([1, 0, 1, 1]), mask), only_pairs)
+
+
+def test_a_head_remembers_its_newest_true_pairs_without_gradient():
+    head = MatchingHead(2, 2, 2)
+    image = torch.arange(8.0, requires_grad=True).reshape(4, 2)
+    text = -image
+    assert head.memory_logits(image, text) is None
+    head.remember(image, text, torch.ones(4, dtype=torch.bool))
+    assert head.memory is None  # memory_size 0: nothing kept
+    head.memory_size = 3
+    head.remember(image[:2], text[:2], torch.tensor([True, True]))
+    head.remember(image[2:], text[2:], torch.tensor([False, True]))  # row 2 is no true pair
+    assert head.memory.tolist() == [[6, 7, -6, -7], [0, 1, 0, -1], [2, 3, -2, -3]]
+    assert not head.memory.requires_grad
+    head.remember(image[2:], text[2:], torch.tensor([True, True]))
+    assert head.memory[:, 0].tolist() == [4, 6, 6]
 
 
 def test_default_masks():

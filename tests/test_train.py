@@ -145,6 +145,48 @@ def test_resume_mid_epoch_is_bit_identical(tiny_data, tmp_path):
     assert after == [(r["step"], r["losses"]) for r in _records(resumed, "train")]
 
 
+def test_matching_memory_changes_the_loss_from_the_second_step_and_resumes_exactly(tiny_data, tmp_path):
+    """The remembered pairs are candidates from the second step on, and a resumed run ranks the same ones (each
+    process's memory is in the training state)."""
+    config = tmp_path / "tasks.yaml"
+    config.write_text(
+        yaml.safe_dump({"tasks": [{"name": "label", "type": "classification"}, {"name": "p", "type": "matching"}]})
+    )
+    args = ["--config", str(config), "--data.path", str(tiny_data), *TINY, "--train.max_steps", "6"]
+    args += ["--train.save_every", "3", "--train.log_every", "1", "--train.eval_every", "6"]
+    runs = {memory: tmp_path / f"memory{memory}" for memory in (0, 16)}
+    for memory, out in runs.items():
+        assert _run([*args, "--train.matching_memory", str(memory), "--train.output_dir", str(out)]) == 0
+    pair_losses = {memory: [r["losses"]["p"] for r in _records(out, "train")] for memory, out in runs.items()}
+    assert pair_losses[16][0] == pair_losses[0][0]  # nothing remembered yet
+    assert pair_losses[16][1] > pair_losses[0][1] + 0.1  # 8 more candidates than the batch's 8
+    assert load_file(runs[16] / "checkpoints" / "step_3" / "matching_memory_0.safetensors")["p"].shape == (16, 64)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs[16] / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    options = ["--train.matching_memory", "16", "--train.output_dir", str(resumed), "--train.resume", "latest"]
+    assert _run([*args, *options]) == 0
+    assert [r["losses"] for r in _records(resumed, "train")] == [r["losses"] for r in _records(runs[16], "train")][3:]
+
+
+def test_the_matching_options_reach_the_training_loss(tiny_data, tmp_path, monkeypatch):
+    import mmfusion.model
+
+    calls, loss = [], mmfusion.model.matching_loss
+
+    def recorded(spec, logits, labels, mask, memory_logits, negatives):
+        calls.append((negatives, None if memory_logits is None else memory_logits[0].shape))
+        return loss(spec, logits, labels, mask, memory_logits, negatives)
+
+    monkeypatch.setattr(mmfusion.model, "matching_loss", recorded)
+    config = tmp_path / "tasks.yaml"
+    config.write_text(yaml.safe_dump({"tasks": [{"name": "p", "type": "matching"}]}))
+    options = ["--train.matching_negatives", "rows", "--train.matching_memory", "5", "--train.max_steps", "2"]
+    args = ["--config", str(config), "--data.path", str(tiny_data), *TINY, *options]
+    assert _run([*args, "--train.output_dir", str(tmp_path / "run")]) == 0
+    assert calls == [("rows", None), ("rows", (8, 5))]  # training only: evaluation ranks the whole split
+
+
 def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -181,6 +223,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
         (["--train.gradnorm_alpha", "-0.5"], "--train.gradnorm_alpha must be >= 0, got -0.5"),
         (["--train.gradnorm_min_weight", "1"], "--train.gradnorm_min_weight must be in (0, 1), got 1.0"),
         (["--train.regression_warmup", "1.5"], "--train.regression_warmup must be in [0, 1], got 1.5"),
+        (["--train.matching_memory", "-1"], "--train.matching_memory must be >= 0, got -1"),
         (
             ["--train.loss_weighting", "gls", "--train.regression_warmup", "0.3"],
             "--train.regression_warmup does not apply to --train.loss_weighting gls",
