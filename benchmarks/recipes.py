@@ -97,6 +97,7 @@ SCREENS = (
     "regression_warmup06",
     "lr_4e3",
     "batch16",
+    "batch24",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
