@@ -87,9 +87,11 @@ def test_fingerprint_ignores_seed_and_output_but_not_the_recipe(tmp_path):
     gradnorm.write_text(yaml.safe_dump(merged_config(SET_YAML, {"train": {"loss_weighting": "gradnorm"}})))
     # regression_dropout came with a new default (0; before it, regression heads had model.dropout 0.1): at 0.1
     # the run trains as it did, and a set with a regression task gets a new fingerprint by default. model.dropout's
-    # default later became 0, so the run pins its 0.1 too, and likewise the random crops and no label smoothing.
+    # default later became 0, so the run pins its 0.1 too, and likewise the random crops, no label smoothing and the
+    # batch of 32.
     old_heads = ["--train.time_limit", "60", "--model.regression_dropout", "0.1"]
     as_before = [*old_heads, "--model.dropout", "0.1", "--data.augment", "true", "--train.label_smoothing", "0"]
+    as_before += ["--train.batch_size", "32"]
     pinned = fingerprint(gradnorm, as_before)
     assert pinned == "d6f36b3d987c", "a new setting changed the fingerprints: add it to recipes.ADDED_SETTINGS"
     assert fingerprint(gradnorm, [*as_before, "--train.gradnorm_alpha", "0"]) != pinned
@@ -145,13 +147,14 @@ def test_a_train_option_shares_the_runs_of_the_task_option(tmp_path, task_option
 
 
 RECORDED_STUDIES = {
-    "recipes_runs.jsonl": ("default", "default"),
+    "recipes_runs.jsonl": ("batch32", "batch32"),
     "recipes_dropout_v0_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_ten_passes_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_epochs_runs.jsonl": ("epochs_v1", "epochs_v1"),
     "recipes_ten_pass_screens_runs.jsonl": ("dropout_v0", "no_dropout"),
-    "recipes_weighting_180s_runs.jsonl": ("default", "default"),
-    "recipes_short_budget_180s_runs.jsonl": ("default", "default"),
+    "recipes_weighting_180s_runs.jsonl": ("batch32", "batch32"),
+    "recipes_short_budget_180s_runs.jsonl": ("batch32", "batch32"),
+    "recipes_batch24_180s_runs.jsonl": ("batch32", "batch32"),
 }
 """Studies on record -> the recipes that resolve today as their `default` did (the defaults have moved since) and as
 the recipe of their single-task models (all of them for recipes_ten_pass_screens_runs.jsonl: its screens compare
