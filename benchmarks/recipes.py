@@ -99,13 +99,17 @@ SCREENS = (
     "batch16",
     "batch24",
     "batch32",
+    "bound1_batch24",
+    "bound075_batch24",
+    "gradnorm_floor025_batch24",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
 recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_bound_outcomes.md,
 recipes_label_smoothing.md, recipes_regression_l1.md, recipes_no_augment.md, recipes_weighting_180s.md,
 recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s.md,
-recipes_ten_pass_batch16.md, recipes_batch24_180s.md): run when named in --only-recipes, not by default."""
+recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
+recipes_sentiment_180s.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
