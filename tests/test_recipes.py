@@ -148,6 +148,7 @@ def test_a_train_option_shares_the_runs_of_the_task_option(tmp_path, task_option
 
 RECORDED_STUDIES = {
     "recipes_runs.jsonl": ("default", "default"),
+    "recipes_sentiment_180s_runs.jsonl": ("default", "default"),
     "recipes_batch32_runs.jsonl": ("batch32", "batch32"),
     "recipes_dropout_v0_runs.jsonl": ("dropout_v0", "dropout_v0"),
     "recipes_ten_passes_runs.jsonl": ("dropout_v0", "dropout_v0"),
