@@ -102,6 +102,8 @@ SCREENS = (
     "bound1_batch24",
     "bound075_batch24",
     "gradnorm_floor025_batch24",
+    "balanced",
+    "balanced_bound1",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -109,7 +111,7 @@ recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_boun
 recipes_label_smoothing.md, recipes_regression_l1.md, recipes_no_augment.md, recipes_weighting_180s.md,
 recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s.md,
 recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
-recipes_sentiment_180s.md): run when named in --only-recipes, not by default."""
+recipes_sentiment_180s.md, recipes_balanced_180s.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -149,6 +151,7 @@ ADDED_SETTINGS = {
     ("train", "regression_warmup"): 0.0,
     ("train", "matching_memory"): 0,
     ("train", "matching_negatives"): "pairs",
+    ("train", "class_balance"): 0.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
@@ -158,6 +161,7 @@ READ_BY = {
     ("train", "regression_warmup"): "regression",
     ("train", "matching_memory"): "matching",
     ("train", "matching_negatives"): "matching",
+    ("train", "class_balance"): "classification",
 }
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {

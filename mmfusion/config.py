@@ -137,10 +137,17 @@ class TaskSpec:
         return list(self.depths) if self.depths else [-1]
 
 
-def with_run_defaults(tasks: list[TaskSpec], label_smoothing: float, regression_loss: str) -> list[TaskSpec]:
+def with_run_defaults(
+    tasks: list[TaskSpec],
+    label_smoothing: float,
+    regression_loss: str,
+    class_balance: float = 0.0,
+    label_counts: dict[str, list[int]] | None = None,
+) -> list[TaskSpec]:
     """`tasks` with the fields a training run decides where a task leaves them unset: label_smoothing
-    (`label_smoothing` for classification, 0 for every other type) and loss (`regression_loss` for regression, mse
-    for every other type)."""
+    (`label_smoothing` for classification, 0 for every other type), loss (`regression_loss` for regression, mse
+    for every other type) and, with `class_balance` > 0, a classification task's class_weights from its training
+    label counts (`balanced_class_weights`)."""
     resolved = []
     for task in tasks:
         if task.label_smoothing is None:
@@ -148,8 +155,19 @@ def with_run_defaults(tasks: list[TaskSpec], label_smoothing: float, regression_
             task = dataclasses.replace(task, label_smoothing=smoothing)
         if task.loss is None:
             task = dataclasses.replace(task, loss=regression_loss if task.type == "regression" else "mse")
+        if class_balance and task.type == "classification" and task.class_weights is None:
+            counts = (label_counts or {})[task.name]
+            task = dataclasses.replace(task, class_weights=balanced_class_weights(counts, class_balance))
         resolved.append(task)
     return resolved
+
+
+def balanced_class_weights(counts: list[int], power: float) -> list[float]:
+    """Per-class loss weights (n / (K n_k)) ** power from a task's training label counts n_k (n labelled rows, K
+    classes): at 1 every class adds as much to the loss as any other, as macro-F1 counts them; a class with no
+    training row gets the weight of a single row. Rounded to 6 digits, as config.yaml shows them."""
+    total, classes = sum(counts), len(counts)
+    return [round((total / (classes * max(count, 1))) ** power, 6) for count in counts]
 
 
 @dataclass
@@ -427,6 +445,11 @@ class TrainConfig:
     crops, at 0.2 the sample's image-only background task fell from 0.984 to 0.956 on test over three seeds, and at
     0.1 the suite lost two regressions (benchmarks/results/recipes_label_smoothing.md,
     default_run_label_smoothing.json)."""
+    class_balance: float = 0.0
+    """Weigh each class of a classification task that sets no class_weights by (n / (K n_k)) ** class_balance, n_k
+    its rows in train (K classes, n rows with a label): 0 weighs every row alike; 1 makes each class count as much as
+    any other in the loss, which is what macro-F1 scores; 0.5 goes half way. The weights are written into the
+    task (config.yaml, the checkpoint's config)."""
     regression_loss: Literal["mse", "huber", "l1"] = "mse"
     """The loss of every regression task that does not set its own (TaskSpec.loss): mse (squared error), huber, or
     l1 (absolute error). l1, on the suite at ten passes: textures' period MAE 0.028 against 0.053 (seed 0) beside a

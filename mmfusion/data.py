@@ -332,6 +332,22 @@ def fit_tasks(tasks: list[TaskSpec], train: Dataset | IterableDataset, config: D
     return fitted
 
 
+def label_counts(tasks: list[TaskSpec], train: Dataset | IterableDataset) -> dict[str, list[int]]:
+    """Rows of each class of every classification task in the training split (a stream: its first 100,000 rows),
+    in label-map order; rows without a label are not counted."""
+    specs = [spec for spec in tasks if spec.type == "classification"]
+    columns = _column_values(train, [spec.column for spec in specs])
+    counts = {}
+    for spec in specs:
+        index = {name: i for i, name in enumerate(spec.labels or [])}
+        tally = [0] * len(index)
+        for value in columns[spec.column]:
+            if value is not None and str(value) in index:
+                tally[index[str(value)]] += 1
+        counts[spec.name] = tally
+    return counts
+
+
 def _replace(spec: TaskSpec, **changes) -> TaskSpec:
     return dataclasses.replace(spec, **changes)
 

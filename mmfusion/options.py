@@ -139,6 +139,7 @@ def check_values(config: Config) -> list[str]:
         (train.matching_memory >= 0, f"--train.matching_memory must be >= 0, got {train.matching_memory}"),
         (train.weighting_lr >= 0, f"--train.weighting_lr must be >= 0 (0: lr), got {train.weighting_lr}"),
         (0 <= train.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1), got {train.label_smoothing}"),
+        (train.class_balance >= 0, f"--train.class_balance must be >= 0, got {train.class_balance}"),
         (0 <= train.nll_noise_decay < 1, f"--train.nll_noise_decay must be in [0, 1), got {train.nll_noise_decay}"),
         (
             not train.nll_noise_decay or train.loss_weighting == "nll",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import Config, DataConfig, TaskSpec
-from .data import ROW_COLUMN, LoadedData, check_columns, fit_tasks, infer_tasks, load_splits
+from .data import ROW_COLUMN, LoadedData, check_columns, fit_tasks, infer_tasks, label_counts, load_splits
 from .device_decode import DEVICE
 from .errors import BadInputError, DataError
 from .image_cache import open_cache, resolve_auto
@@ -40,6 +40,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # what was inferred or chosen, to show the user
     model_settings: dict[str, Any] = field(default_factory=dict)  # FusionConfig fields the data decided
     source: str = ""  # where the data came from (a path, or what was passed in Python)
+    label_counts: dict[str, list[int]] = field(default_factory=dict)  # train rows per class, for train.class_balance
 
 
 def data_settings(data: DataConfig) -> dict[str, Any]:
@@ -147,6 +148,7 @@ def build_splits(
     for name in present:
         check_columns(loaded.splits[name], name, tasks, data)
     tasks = fit_tasks(tasks, loaded.splits["train"], data)
+    counts = label_counts(tasks, loaded.splits["train"]) if config.train.class_balance else {}
     learned: dict[str, Any] = {}
     if processor is None:
         processor, learned = build_processor(config, loaded)
@@ -169,7 +171,7 @@ def build_splits(
         for name in present
     }
     notes = [f"tasks: {note}" for note in notes] + ([cache_note] if cache_note else [])
-    return Prepared(tasks, processor, datasets, report, notes, learned, loaded.source)
+    return Prepared(tasks, processor, datasets, report, notes, learned, loaded.source, counts)
 
 
 def load_split(

@@ -219,14 +219,17 @@ def model_architecture(config: Config, init: Path | None) -> FusionConfig:
 def resolve_config(config: Config, prepared: Prepared, init: Path | None, data: Any = None) -> Config:
     """The run's configuration with what the data decided (tasks with label maps and statistics, vocabulary
     size, longest text, the number of epochs when it follows the data size; with init_from, reused regression heads
-    keep the checkpoint's target statistics), each task's label smoothing and loss, and where the data came from
-    (`data` given in Python: its path, or a note that it was passed in memory)."""
+    keep the checkpoint's target statistics), each task's label smoothing, loss and class weights, and where the
+    data came from (`data` given in Python: its path, or a note that it was passed in memory)."""
     tasks = reuse_tasks(prepared.tasks, read_model_config(init).tasks) if init else prepared.tasks
-    tasks = with_run_defaults(tasks, config.train.label_smoothing, config.train.regression_loss)
+    train = config.train
+    tasks = with_run_defaults(
+        tasks, train.label_smoothing, train.regression_loss, train.class_balance, prepared.label_counts
+    )
     model = dataclasses.replace(config.model, **prepared.model_settings)
     path = config.data.path if data is None else str(data) if isinstance(data, (str, Path)) else None
     source = dataclasses.replace(config.data, path=path or f"(in memory: {prepared.source}, passed to mmfusion.train)")
-    train, rows = config.train, prepared.datasets["train"]
+    rows = prepared.datasets["train"]
     if not (train.epochs or train.max_steps or train.time_limit) and hasattr(rows, "__len__"):
         train = dataclasses.replace(train, epochs=epochs_for(len(rows), train.epochs_at_3000_rows, train.min_epochs))
     return dataclasses.replace(config, model=model, tasks=tasks, data=source, train=train)

@@ -249,6 +249,7 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             "--train.uncertainty_start one applies to --train.loss_weighting uncertainty, not sum",
         ),
         (["--train.label_smoothing", "1"], "--train.label_smoothing must be in [0, 1), got 1.0"),
+        (["--train.class_balance", "-1"], "--train.class_balance must be >= 0, got -1.0"),
         (["--train.epochs_at_3000_rows", "0"], "--train.epochs_at_3000_rows must be > 0, got 0.0"),
         (["--train.min_epochs", "0"], "--train.min_epochs must be in (0, 30], got 0.0"),
         (["--data.streaming", "true", "--data.num_workers", "2"], "--data.num_workers must be 0 with --data.streaming"),
@@ -472,6 +473,37 @@ def test_tasks_get_the_runs_label_smoothing_and_regression_loss_unless_they_set_
         "label": (0.05, "mse"),
         "score": (0.0, "l1"),
     }
+
+
+def test_class_balance_weighs_each_class_by_its_training_rows(tmp_path):
+    """--train.class_balance p gives each classification class the weight (n / (K n_k)) ** p from train's label
+    counts (a row without a label is not counted), in config.yaml and the checkpoint; other task types and a task
+    with its own class_weights are left alone; 0 (the default) sets none."""
+    rows = make_rows(40)
+    for row in rows:
+        row["label"] = "blue" if row["label"] == "blue" and int(row["file_name"][:3]) % 4 == 0 else "red"
+    rows[1]["label"] = None  # red, unlabelled: 10 blue and 29 red rows are counted
+    data = tmp_path / "data"
+    make_imagefolder(data, {"train": rows, "validation": make_rows(13, 100)})
+
+    def weights(out: Path, *options: str) -> dict:
+        args = ["--data.path", str(data), *TINY, "--train.max_steps", "1", "--train.output_dir", str(out)]
+        assert _run([*args, *options]) == 0
+        saved = json.loads((out / "final" / "config.json").read_text())["tasks"]
+        resolved = yaml.safe_load((out / "config.yaml").read_text())["tasks"]
+        assert [t["class_weights"] for t in saved] == [t["class_weights"] for t in resolved]
+        return {t["name"]: t["class_weights"] for t in resolved}
+
+    balanced = weights(tmp_path / "balanced", "--train.class_balance", "1")
+    assert balanced["label"] == pytest.approx([39 / 20, 39 / 58], abs=1e-6)  # labels in order: blue, red
+    assert balanced["score"] is None and balanced["tags"] is None
+    halfway = weights(tmp_path / "halfway", "--train.class_balance", "0.5")
+    assert halfway["label"] == pytest.approx([(39 / 20) ** 0.5, (39 / 58) ** 0.5], abs=1e-6)
+    assert weights(tmp_path / "off")["label"] is None
+    config = tmp_path / "tasks.yaml"
+    config.write_text(yaml.safe_dump({"tasks": [{"name": "label", "class_weights": [1.0, 3.0]}]}))
+    own = weights(tmp_path / "own", "--config", str(config), "--train.class_balance", "1")
+    assert own == {"label": [1.0, 3.0]}
 
 
 def test_uncertainty_start_and_max_weight_reach_the_weighting(tiny_data, tmp_path):
