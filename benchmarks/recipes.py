@@ -285,7 +285,7 @@ class Study:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
         )
         wall_s, load_end = time.perf_counter() - started, os.getloadavg()
         if result.returncode != 0:
@@ -643,7 +643,9 @@ def main() -> None:
         default="default",
         help="the recipe of the single-task models (`single`), and whose multi-task model the delta-m headlines are",
     )
-    parser.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="training runs at once")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="training runs at once (2 on a 2-core CPU; several can share one GPU)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (--train.cpu_threads; 0: cores)")
     parser.add_argument(
         "--suite", type=Path, default=ROOT / "runs" / "suite", help="where the suite's sets are (generated if not)"
@@ -654,6 +656,8 @@ def main() -> None:
     parser.add_argument("--summarise", action="store_true", help="only write the tables from the recorded runs")
     parser.add_argument("--name", default="recipes", help="results/NAME.json and NAME.md")
     options = parser.parse_args()
+    if options.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {options.jobs}")
     study = Study(options)
     plans, set_tasks = [], {}
     for name in options.only_sets:

