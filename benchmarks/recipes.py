@@ -104,6 +104,7 @@ SCREENS = (
     "gradnorm_floor025_batch24",
     "balanced",
     "balanced_bound1",
+    "balanced05_bound1",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -111,7 +112,8 @@ recipes_cnn_small_screen.md, recipes_weight_bound_screen.md, recipes_weight_boun
 recipes_label_smoothing.md, recipes_regression_l1.md, recipes_no_augment.md, recipes_weighting_180s.md,
 recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s.md,
 recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
-recipes_sentiment_180s.md, recipes_balanced_180s.md, recipes_balanced_spatial_180s.md): run when
+recipes_sentiment_180s.md, recipes_balanced_180s.md, recipes_balanced_spatial_180s.md,
+recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md): run when
 named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
