@@ -449,9 +449,10 @@ class TrainConfig:
     """Weigh each class of a classification task that sets no class_weights by (n / (K n_k)) ** class_balance, n_k
     its rows in train (K classes, n rows with a label): 0 weighs every row alike; 1 makes each class count as much as
     any other in the loss, which is what macro-F1 scores; 0.5 goes half way. The weights are written into the
-    task (config.yaml, the checkpoint's config). Not the default: on the suite at 180 s, 1 lifted scenes' 70/30
-    faithful from 0.427 to 0.488 but lost spatial's imbalanced total on one seed of four, the default on none
-    (benchmarks/results/recipes_balanced_180s.md, recipes_balanced_spatial_180s.md)."""
+    task (config.yaml, the checkpoint's config). Not the default: on the suite at 180 s over four seeds (with
+    train.uncertainty_max_weight 1), 1 lifted scenes' 70/30 faithful from 0.437 to 0.482 and clutter's shape from
+    0.199 to 0.254 but lost spatial's imbalanced total on one seed (0.5 on two), the default on none
+    (benchmarks/results/recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md)."""
     regression_loss: Literal["mse", "huber", "l1"] = "mse"
     """The loss of every regression task that does not set its own (TaskSpec.loss): mse (squared error), huber, or
     l1 (absolute error). l1, on the suite at ten passes: textures' period MAE 0.028 against 0.053 (seed 0) beside a
