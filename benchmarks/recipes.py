@@ -182,6 +182,13 @@ fingerprinted at that value, so a recipe's `task_options` that one type reads le
 recorded."""
 
 
+def train_environment() -> dict[str, str]:
+    """The environment of a train.py run: the caller's, with this checkout first on PYTHONPATH (its mmfusion, not an
+    installed one) and the caller's PYTHONPATH after it (packages installed there, as on a machine lacking them)."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
+
+
 def fingerprint(config_file: Path, extra: list[str]) -> str:
     """A hash of the configuration train.py resolves (defaults included), without the seed, the output path and,
     without a time limit, the number of threads: a run recorded under another fingerprint was trained differently
@@ -287,7 +294,7 @@ class Study:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+            env=train_environment(),
         )
         wall_s, load_end = time.perf_counter() - started, os.getloadavg()
         if result.returncode != 0:

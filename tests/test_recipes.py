@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from recipes import (
     RECIPES,
     RESULTS,
+    ROOT,
     SCREENS,
     Study,
     behind_best,
@@ -31,6 +34,7 @@ from recipes import (
     run_key,
     same_configuration,
     summarise,
+    train_environment,
 )
 
 SET_YAML = {
@@ -351,3 +355,20 @@ def test_single_task_models_follow_the_single_recipe_and_sum_their_loss(tmp_path
         assert [c["train"]["loss_weighting"] for c in configs] == ["sum", "sum"]
         assert [c["model"].get("dropout") for c in configs] == ([None, None] if recipe == "default" else [0.1, 0.1])
     assert plans["default"][0]["fingerprint"] != plans["dropout_v0"][0]["fingerprint"]
+
+
+def test_train_runs_import_this_checkout_and_keep_the_callers_pythonpath(monkeypatch):
+    """train.py runs import this checkout's mmfusion first and still find packages the caller put on PYTHONPATH
+    (how a GPU machine without `datasets` gets it)."""
+    root = str(ROOT)
+    monkeypatch.setenv("PYTHONPATH", "/wheels")
+    assert train_environment()["PYTHONPATH"] == f"{root}{os.pathsep}/wheels"
+    monkeypatch.delenv("PYTHONPATH")
+    assert train_environment()["PYTHONPATH"] == root
+
+
+def test_jobs_below_one_are_refused():
+    script = ROOT / "benchmarks" / "recipes.py"
+    result = subprocess.run([sys.executable, str(script), "--jobs", "0"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--jobs must be >= 1, got 0" in result.stderr
