@@ -105,7 +105,6 @@ SCREENS = (
     "balanced",
     "balanced_bound1",
     "balanced05_bound1",
-    "query",
     "sum_v2",
     "start_one",
     "bound_regressions05",
@@ -117,9 +116,9 @@ recipes_label_smoothing.md, recipes_regression_l1.md, recipes_no_augment.md, rec
 recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s.md,
 recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
 recipes_sentiment_180s.md, recipes_balanced_180s.md, recipes_balanced_spatial_180s.md,
-recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md, recipes_bound1_seeds_180s.md, recipes_query_screen.md,
-recipes_query_clutter_900s.md, recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md): run when named in
---only-recipes, not by default."""
+recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md, recipes_bound1_seeds_180s.md,
+recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md): run when named in --only-recipes, not by
+default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05

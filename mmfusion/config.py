@@ -33,7 +33,7 @@ ImageEncoderName = Literal[
     "hf",
 ]
 TextEncoderName = Literal["lstm", "gru", "transformer", "hf"]
-FusionName = Literal["concat", "gated", "query", "cross_attention", "film", "bilinear", "late"]
+FusionName = Literal["concat", "gated", "cross_attention", "film", "bilinear", "late"]
 WeightingName = Literal["sum", "nll", "uncertainty", "dwa", "rlw", "gls", "pcgrad", "mgda", "cagrad", "gradnorm"]
 
 
@@ -241,14 +241,14 @@ class FusionConfig:
     """timm and hf encoders: recompute activations in the backward pass instead of storing them (less memory, about
     a third more compute)."""
     fusion: FusionName = "gated"
-    """concat, gated (the default: a learned per-feature gate between the modalities), query (gated, plus the image
-    tokens the pooled text attends to), cross_attention, film, bilinear or late."""
+    """concat, gated (the default: a learned per-feature gate between the modalities), cross_attention, film,
+    bilinear or late."""
     dim: int = 128
     """Width of the fused representation."""
     fusion_layers: int = 2
     """Depth of the fusion trunk; every layer's output can carry a head."""
     fusion_heads: int = 4
-    """cross_attention and query: attention heads."""
+    """cross_attention: attention heads."""
     rank: int = 16
     """bilinear: rank of the low-rank factorisation."""
     dropout: float = 0.0

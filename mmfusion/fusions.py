@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import FusionConfig
-from .layers import Attention, Block, EncoderOutput, masked_mean
+from .layers import Block, EncoderOutput, masked_mean
 
 
 @dataclass
@@ -93,37 +93,6 @@ class GatedFusion(Fusion):
         mixed = gate * torch.tanh(self.image(image)) + (1 - gate) * torch.tanh(self.text(text))
         layers = self.trunk(mixed)
         return FusedOutput(features=layers[-1], layers=layers, extras={"gate": gate})
-
-
-class QueryFusion(GatedFusion):
-    """Gated fusion whose image side also reads what the text asks about: the pooled text vector queries the image
-    tokens (multi-head attention), and the attended features join the pooled image vector. A question about one
-    object among several ("what shape is the red one?") then gets that object's features, which pooling over the
-    whole image mixes with the others'."""
-
-    reads_tokens = True
-
-    @classmethod
-    def options(cls, config: FusionConfig) -> dict:
-        return {"heads": config.fusion_heads}
-
-    def __init__(self, in_dims: dict[str, int], dim: int, depth: int = 2, dropout: float = 0.1, heads: int = 4):
-        super().__init__({"image": in_dims["image"] + dim, "text": in_dims["text"]}, dim, depth, dropout)
-        self.tokens = nn.Sequential(nn.LayerNorm(in_dims["image"]), nn.Linear(in_dims["image"], dim))
-        self.question = nn.Linear(in_dims["text"], dim)
-        self.attention = Attention(dim, heads, dropout)
-
-    def forward(self, features: dict[str, EncoderOutput], output_attentions: bool = False) -> FusedOutput:
-        image, text = features["image"], features["text"]
-        question = self.question(text.pooled).unsqueeze(1)
-        attended, weights = self.attention(question, self.tokens(image.tokens), image.mask, output_attentions)
-        asked = EncoderOutput(
-            pooled=torch.cat([image.pooled, attended.squeeze(1)], -1), tokens=image.tokens, mask=image.mask
-        )
-        fused = super().forward({"image": asked, "text": text})
-        if weights is not None:
-            fused.extras["text_to_image_attention"] = [weights]
-        return fused
 
 
 class BilinearFusion(Fusion):
@@ -256,7 +225,6 @@ class LateFusion(Fusion):
 FUSIONS = {
     "concat": ConcatFusion,
     "gated": GatedFusion,
-    "query": QueryFusion,
     "cross_attention": CrossAttentionFusion,
     "film": FiLMFusion,
     "bilinear": BilinearFusion,

@@ -163,15 +163,11 @@ class UncertaintyWeighting(LossWeighting):
         super().__init__(tasks, seed)
         starts = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
         self.log_variance = nn.Parameter(-torch.log(torch.tensor(starts)))
-        bounds = [
-            max_weight
-            if t.type in ("classification", "multilabel")
-            else regression_max_weight
-            if t.type == "regression"
-            else 0.0
-            for t in tasks
+        bounds = {"classification": max_weight, "multilabel": max_weight, "regression": regression_max_weight}
+        floors = [
+            -math.log(bounds[t.type] * weight) if bounds.get(t.type, 0.0) > 0 else -math.inf
+            for t, weight in zip(tasks, starts)
         ]
-        floors = [-math.log(bound * weight) if bound > 0 else -math.inf for bound, weight in zip(bounds, starts)]
         self.register_buffer("floor", torch.tensor(floors), persistent=False)
 
     def bounded_log_variance(self) -> torch.Tensor:
