@@ -55,7 +55,7 @@ def test_token_level_fusions_read_the_image_token_the_text_names(fusion):
     model = build_fusion(FusionConfig(fusion=fusion, dim=32, fusion_heads=2, dropout=0.0), IN_DIMS)
     head = nn.Linear(32, 2)
     optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=3e-3)
-    for _ in range(300):
+    for _ in range(150):
         inputs, labels = _binding_batch(generator, 64)
         loss = nn.functional.cross_entropy(head(model(inputs).features), labels)
         optimizer.zero_grad()
