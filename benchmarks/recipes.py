@@ -105,6 +105,9 @@ SCREENS = (
     "balanced",
     "balanced_bound1",
     "balanced05_bound1",
+    "sum_v2",
+    "start_one",
+    "bound_regressions05",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
@@ -113,8 +116,9 @@ recipes_label_smoothing.md, recipes_regression_l1.md, recipes_no_augment.md, rec
 recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s.md,
 recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
 recipes_sentiment_180s.md, recipes_balanced_180s.md, recipes_balanced_spatial_180s.md,
-recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md, recipes_bound1_seeds_180s.md): run when named in
---only-recipes, not by default."""
+recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md, recipes_bound1_seeds_180s.md,
+recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md): run when named in --only-recipes, not by
+default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
@@ -155,6 +159,7 @@ ADDED_SETTINGS = {
     ("train", "matching_memory"): 0,
     ("train", "matching_negatives"): "pairs",
     ("train", "class_balance"): 0.0,
+    ("train", "uncertainty_regression_max_weight"): 0.0,
 }
 """Settings added after runs were recorded, with the value that trains as before they existed: left out of the
 fingerprint at that value, so the recorded runs keep theirs."""
@@ -165,11 +170,13 @@ READ_BY = {
     ("train", "matching_memory"): "matching",
     ("train", "matching_negatives"): "matching",
     ("train", "class_balance"): "classification",
+    ("train", "uncertainty_regression_max_weight"): "regression",
 }
 """Added settings that only tasks of one type read: left out of the fingerprint of a run without such a task too."""
 READ_BY_WEIGHTING = {
     ("train", "uncertainty_start"): "uncertainty",
     ("train", "uncertainty_max_weight"): "uncertainty",
+    ("train", "uncertainty_regression_max_weight"): "uncertainty",
     ("train", "gradnorm_min_weight"): "gradnorm",
 }
 """Added settings that only one loss weighting reads: left out of the fingerprint of a run with another too."""

@@ -468,6 +468,13 @@ class TrainConfig:
     delta-m over six sets is +1.9 %, against -4.5 % at 1 and -8.3 % without a bound (seed 0; over seeds 0 and 1 on
     five sets, -0.0 % against -5.3 % at 1); at 0.25 catalog's text-read sentiment was not learned
     (benchmarks/results/recipes_weight_bound_outcomes.md, recipes_weight_bound_outcomes_seeds.md)."""
+    uncertainty_regression_max_weight: float = 0.0
+    """uncertainty: the largest weight a regression's learned weight may reach, as a multiple of its start (0: no
+    bound, the default). A regression whose error keeps falling otherwise outweighs the classifications bounded by
+    uncertainty_max_weight in the encoders they share. At 0.5, on the suite at half the study's steps: catalog's
+    text-read sentiment learned on two seeds of four (none without), clutter's count and spatial's total higher, but
+    glyphs' digit, which its total regression teaches, not learned on either seed (one without); an option
+    (benchmarks/results/recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md)."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:

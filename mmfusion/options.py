@@ -90,7 +90,7 @@ def _option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-UNCERTAINTY_OPTIONS = ("uncertainty_start", "uncertainty_max_weight")
+UNCERTAINTY_OPTIONS = ("uncertainty_start", "uncertainty_max_weight", "uncertainty_regression_max_weight")
 """Training options only `--train.loss_weighting uncertainty` reads."""
 
 
@@ -148,6 +148,11 @@ def check_values(config: Config) -> list[str]:
         (
             train.uncertainty_max_weight >= 0,
             f"--train.uncertainty_max_weight must be >= 0 (0: no bound), got {train.uncertainty_max_weight}",
+        ),
+        (
+            train.uncertainty_regression_max_weight >= 0,
+            "--train.uncertainty_regression_max_weight must be >= 0 (0: no bound), "
+            f"got {train.uncertainty_regression_max_weight}",
         ),
         (
             train.freeze_encoders_steps >= 0,

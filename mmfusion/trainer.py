@@ -99,6 +99,7 @@ def train(config: Config | dict | str | Path, data: Any = None, start: float | N
         nll_noise_decay=cfg.nll_noise_decay,
         uncertainty_start=cfg.uncertainty_start,
         uncertainty_max_weight=cfg.uncertainty_max_weight,
+        uncertainty_regression_max_weight=cfg.uncertainty_regression_max_weight,
     )
     if accelerator.distributed_type == DistributedType.FSDP:
         model.use_channels_last(False)  # FSDP shards contiguous parameters only

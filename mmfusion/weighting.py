@@ -149,15 +149,23 @@ class UncertaintyWeighting(LossWeighting):
 
     `max_weight` W > 0 keeps each classification's and multilabel task's weight at most W times its start
     (s_t >= -log(W w_t0)): a cross-entropy falling towards zero would otherwise raise its weight without end, taking
-    the shared encoders from the tasks still being fitted. Regressions stay unbounded."""
+    the shared encoders from the tasks still being fitted. `regression_max_weight` R > 0 bounds each regression's
+    weight at R times its start in the same way (0: unbounded)."""
 
-    def __init__(self, tasks: list[TaskSpec], seed: int = 0, start: str = "one", max_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        seed: int = 0,
+        start: str = "one",
+        max_weight: float = 0.0,
+        regression_max_weight: float = 0.0,
+    ) -> None:
         super().__init__(tasks, seed)
         starts = outcome_counts(tasks) if start == "outcomes" else [1.0] * len(tasks)
         self.log_variance = nn.Parameter(-torch.log(torch.tensor(starts)))
-        bounded = max_weight > 0
+        bounds = {"classification": max_weight, "multilabel": max_weight, "regression": regression_max_weight}
         floors = [
-            -math.log(max_weight * weight) if bounded and t.type in ("classification", "multilabel") else -math.inf
+            -math.log(bounds[t.type] * weight) if bounds.get(t.type, 0.0) > 0 else -math.inf
             for t, weight in zip(tasks, starts)
         ]
         self.register_buffer("floor", torch.tensor(floors), persistent=False)
@@ -403,6 +411,7 @@ def build_weighting(
     nll_noise_decay: float = 0.0,
     uncertainty_start: str = "one",
     uncertainty_max_weight: float = 0.0,
+    uncertainty_regression_max_weight: float = 0.0,
 ) -> LossWeighting:
     """The weighting `name` over `tasks`. The keyword defaults are each method as published (uncertainty: every weight
     starting at 1, no bound); train.py passes TrainConfig's values, the recipe chosen on the suite."""
@@ -413,7 +422,13 @@ def build_weighting(
     if name == "nll":
         return LikelihoodWeighting(tasks, seed, noise_decay=nll_noise_decay)
     if name == "uncertainty":
-        return UncertaintyWeighting(tasks, seed, start=uncertainty_start, max_weight=uncertainty_max_weight)
+        return UncertaintyWeighting(
+            tasks,
+            seed,
+            start=uncertainty_start,
+            max_weight=uncertainty_max_weight,
+            regression_max_weight=uncertainty_regression_max_weight,
+        )
     return WEIGHTINGS[name](tasks, seed)
 
 

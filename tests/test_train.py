@@ -241,6 +241,14 @@ def test_gradient_accumulation_and_schedules(tiny_data, tmp_path):
             "--train.uncertainty_max_weight must be >= 0 (0: no bound), got -1.0",
         ),
         (
+            ["--train.uncertainty_regression_max_weight", "-0.5"],
+            "--train.uncertainty_regression_max_weight must be >= 0 (0: no bound), got -0.5",
+        ),
+        (
+            ["--train.loss_weighting", "sum", "--train.uncertainty_regression_max_weight", "1"],
+            "--train.uncertainty_regression_max_weight 1.0 applies to --train.loss_weighting uncertainty, not sum",
+        ),
+        (
             ["--train.loss_weighting", "nll", "--train.uncertainty_max_weight", "4"],
             "--train.uncertainty_max_weight 4.0 applies to --train.loss_weighting uncertainty, not nll",
         ),

@@ -142,6 +142,13 @@ def test_uncertainty_max_weight_bounds_classification_weights_and_leaves_regress
     assert weighting.log_variance[0] == stuck[0]
 
 
+def test_uncertainty_regression_max_weight_bounds_regressions_alone():
+    losses = {"c": torch.tensor(0.01), "m": torch.tensor(0.5), "r": torch.tensor(0.01)}
+    weighting = build_weighting("uncertainty", THREE_TYPES, uncertainty_regression_max_weight=3.0)
+    fit_weights(weighting, losses, ALL_THREE)
+    torch.testing.assert_close(weighting.weights, torch.tensor([1 / 0.01, 1 / 0.5, 3.0]), rtol=0.05, atol=0.0)
+
+
 @pytest.mark.parametrize("name", ["sum", "uncertainty", "gradnorm"])
 def test_a_regression_share_scales_only_the_regressions_gradient_into_the_model(name):
     """At share s the model gets s of each regression's gradient and all of the classifications'; the loss's value
