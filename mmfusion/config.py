@@ -472,9 +472,10 @@ class TrainConfig:
     """uncertainty: the largest weight a regression's learned weight may reach, as a multiple of its start (0: no
     bound, the default). A regression whose error keeps falling otherwise outweighs the classifications bounded by
     uncertainty_max_weight in the encoders they share. At 0.5, on the suite at half the study's steps: catalog's
-    text-read sentiment learned on two seeds of four (none without), clutter's count and spatial's total higher, but
-    glyphs' digit, which its total regression teaches, not learned on either seed (one without); an option
-    (benchmarks/results/recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md)."""
+    text-read sentiment above 0.75 on two seeds of four (none without), clutter's count and spatial's total higher,
+    but glyphs' digit, which its total regression teaches, learned on no seed of four (the default on one); an option
+    (benchmarks/results/recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md,
+    recipes_bound_regressions_seeds_180s.md)."""
     weighting_lr: float = 0.0
     """Learning rate of the loss weighting's learned parameters (uncertainty's log-variances; 0: lr). Adam moves
     each by about its learning rate per step, so at lr a weight lags a loss that falls faster. The lag is useful:
