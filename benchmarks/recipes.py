@@ -108,6 +108,7 @@ SCREENS = (
     "sum_v2",
     "start_one",
     "bound_regressions05",
+    "bound_regressions2",
 )
 """Recipes tried on a few sets or budgets only (results/recipes_screen.md, recipes_nll_noise.md, recipes_epochs.md,
 recipes_fusion_screen.md, recipes_ten_pass_screens.md, recipes_outcomes_screen.md, recipes_weighting_screen.md,
