@@ -118,8 +118,8 @@ recipes_ten_pass_gradnorm.md, recipes_short_budget_180s.md, recipes_batch16_180s
 recipes_ten_pass_batch16.md, recipes_batch24_180s.md,
 recipes_sentiment_180s.md, recipes_balanced_180s.md, recipes_balanced_spatial_180s.md,
 recipes_balanced_seeds_180s.md, recipes_balanced05_180s.md, recipes_bound1_seeds_180s.md,
-recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md, recipes_bound_regressions_seeds_180s.md): run
-when named in --only-recipes, not by default."""
+recipes_sentiment_weights_180s.md, recipes_bound_regressions_180s.md, recipes_bound_regressions_seeds_180s.md,
+recipes_bound_regressions2_180s.md): run when named in --only-recipes, not by default."""
 BASELINES = {"seed": "the seed-style script", "generic_v0": "the generic defaults before issue 20"}
 """Recipes the default is compared with (ratio of mean normalised scores)."""
 NEAR_ZERO = 0.05
