@@ -33,8 +33,8 @@ def test_token_reading_fusions_ignore_padded_image_tokens(fusion):
 
 def _binding_batch(generator: torch.Generator, size: int) -> tuple[dict[str, EncoderOutput], torch.Tensor]:
     """Two image tokens, each a colour (one of 4) and a shape (the two shapes differ); the text names one token's
-    colour and the label is that token's shape. The pooled image vector (the mean) says which colours and shapes there are, not
-    which goes with which, so only a fusion that reads the named token beats chance (0.5)."""
+    colour and the label is that token's shape. The pooled image vector (the mean) says which colours and shapes
+    there are, not which goes with which, so only a fusion that reads the named token beats chance (0.5)."""
     colours = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(size)])
     shapes = torch.stack([torch.randperm(2, generator=generator) for _ in range(size)])  # two different shapes
     tokens = torch.cat([nn.functional.one_hot(colours, 4), nn.functional.one_hot(shapes, 2)], -1).float()
